@@ -5,15 +5,19 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip's notes about this machine's local index folders are noise (pipefail keeps pip's exit code)
+QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
 
 .PHONY: venv test check-sync nbtest pytest demo edit clean-venv
 
 # torch is installed first and pinned, so pip takes the local CPU wheel and never a CUDA build.
 $(BIN)/.installed: settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --upgrade pip $(QUIET_PIP)
+	$(BIN)/python -m pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -e ".[dev]" $(QUIET_PIP)
 	touch $@
 
 venv: $(BIN)/.installed

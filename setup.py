@@ -10,8 +10,7 @@ c = cfg['DEFAULT']
 
 def reqs(key): return c.get(key, '').split()
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
-lic = licenses[c['license']]
+licenses = {'apache2': 'Apache-2.0'}  # SPDX expression
 readme = here / 'README.md'
 
 setup(
@@ -21,8 +20,8 @@ setup(
     long_description=readme.read_text(encoding='utf-8') if readme.exists() else c['description'],
     long_description_content_type='text/markdown',
     author=c['author'], author_email=c['author_email'],
-    license=lic[0],
-    classifiers=['Programming Language :: Python :: 3', f'License :: {lic[1]}',
+    license=licenses[c['license']],
+    classifiers=['Programming Language :: Python :: 3',
                  'Development Status :: 3 - Alpha', 'Intended Audience :: Developers'],
     keywords=c['keywords'],
     python_requires=f">={c['min_python']}",
