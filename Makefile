@@ -38,9 +38,10 @@ test: venv
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory pytest
 
-# The main job on the bundled sample: a smoke-run edit with tiny random models (pixels are noise).
+# The main job on the bundled sample, offline: an edit with tiny random models (a smoke run: the
+# edited face pixels are noise). With real weights, drop --tiny and add --model/--identity-model/--edit-model.
 demo: venv
-	$(BIN)/ipfacediff ddim-demo --out ddim-demo.png --overwrite
+	$(BIN)/ipfacediff edit data/sample.mp4 --prompt "add glasses" --tiny --out out.mp4 --side-by-side out-side-by-side.mp4 --overwrite
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,278 @@
+"`ipfacediff.metrics`: identity retrieval on real faces (dlib ResNet), warp error, TL/TG-ID, CLIP direction, timing, gallery cache, `ipfacediff evaluate`."
+import json, os, shutil, subprocess, sys, time, warnings
+from pathlib import Path
+import numpy as np
+import pytest, torch, cv2
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+from ipfacediff import metrics as M
+from ipfacediff.utils import UserError, data_path
+from ipfacediff.video import read_video, write_video
+
+EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+
+
+@pytest.fixture(scope='module')
+def frames():
+    return read_video(data_path('sample.mp4'), progress=False)[0]
+
+
+@pytest.fixture(scope='module')
+def dlib_emb():
+    from ipfacediff.embedders import get_embedder
+    return get_embedder('dlib')
+
+
+@pytest.fixture(scope='module')
+def people(frames):
+    "Real faces of 7 different photos/clips: the sample clip, astronaut, Grace Hopper, Obama ×3, Biden."
+    import skimage.data, matplotlib.cbook
+    from PIL import Image
+    from ipfacediff.embedders import fetch_face_recognition_images
+    out = {'sample': frames[::5][:8], 'astronaut': skimage.data.astronaut()[None],
+           'grace_hopper': np.asarray(Image.open(matplotlib.cbook.get_sample_data('grace_hopper.jpg')).convert('RGB'))[None]}
+    out.update({n.removesuffix('.jpg'): np.asarray(Image.open(p).convert('RGB'))[None]
+                for n, p in fetch_face_recognition_images().items()})
+    return out
+
+
+# ---------------------------------------------------------------- retrieval
+
+def test_rank_of_truth_matches_sorting_and_ties_are_pessimistic():
+    rng = np.random.default_rng(1)
+    G, Q, t = rng.normal(size=(200, 8)), rng.normal(size=(40, 8)), rng.integers(0, 200, 40)
+    d = np.linalg.norm(Q[:, None] - G[None], axis=-1)
+    brute = [int(np.nonzero(np.argsort(d[i], kind='stable') == t[i])[0][0]) + 1 for i in range(40)]
+    assert M.rank_of_truth(Q, G, t, metric='euclidean').tolist() == brute
+    G2 = np.concatenate([G, G[:1]])                   # a duplicate of item 0 ranks it (and itself) pessimistically
+    assert M.rank_of_truth(G[:1], G2, [0]).tolist() == [2]
+    assert M.rank_of_truth(G[:1], G2, [200], metric='euclidean').tolist() == [2]
+    r = [1, 1, 2, 5]
+    assert M.recall_at_1(r) == 0.5 and abs(M.mean_reciprocal_rank(r) - (1 + 1 + .5 + .2) / 4) < 1e-12
+    with pytest.raises(UserError, match='cosine'): M.rank_of_truth(Q, G, t, metric='l1')
+
+
+def test_35k_gallery_ranks_in_seconds():
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(35_000, 512)).astype(np.float32)
+    t = rng.integers(0, 35_000, 200)
+    Q = G[t] + 0.5 * rng.normal(size=(200, 512)).astype(np.float32)
+    t0 = time.perf_counter(); r = M.rank_of_truth(Q, G, t); dt = time.perf_counter() - t0
+    print(f'200 queries x 35000 gallery: {dt:.2f} s')
+    assert dt < 10 and M.recall_at_1(r) == 1.0
+
+
+def test_cosine_distance():
+    assert M.cosine_distance([1, 0], [0, 3]) == pytest.approx(1.0)
+    assert M.cosine_distance(torch.tensor([2., 2.]), [1, 1]) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- identity on real faces (dlib ResNet)
+
+def test_real_gallery_retrieval(people, dlib_emb):
+    names = list(people)
+    orig = {n: M.embed_frames(people[n], {'dlib': dlib_emb})['dlib'] for n in names}
+    gal = np.stack([orig[n].embedding for n in names])
+    # a video compared with itself
+    self_r = M.rank_of_truth(gal, gal, np.arange(len(gal)), metric='euclidean')
+    assert np.allclose(M.cosine_distance(gal, gal), 0, atol=1e-9)
+    assert M.recall_at_1(self_r) == 1.0 and M.mean_reciprocal_rank(self_r) == 1.0
+    # degraded copies find their original
+    Q, T, qn = [], [], []
+    for kind in ('blur', 'jpeg', 'color'):
+        for i, n in enumerate(names):
+            Q.append(M.embed_frames(M.degrade(people[n], kind), {'dlib': dlib_emb}, reference_boxes=orig[n].boxes)['dlib'].embedding)
+            T.append(i); qn.append((n, kind))
+    Q, T = np.stack(Q), np.array(T)
+    for metric in ('euclidean', 'cosine'):
+        r = M.rank_of_truth(Q, gal, T, metric=metric)
+        print(metric, 'R@1', M.recall_at_1(r), 'MRR', M.mean_reciprocal_rank(r))
+        assert M.recall_at_1(r) >= 0.9 and M.mean_reciprocal_rank(r) >= 0.9
+    # a different person is not retrieved
+    for q, wrong in (('biden', 'obama'), ('sample', 'astronaut'), ('obama2', 'grace_hopper'), ('astronaut', 'sample')):
+        qi = qn.index((q, 'jpeg'))
+        assert M.rank_of_truth(Q[qi], gal, [names.index(wrong)])[0] > 1, (q, wrong)
+
+
+def test_face_crops_skips_frames_without_face_and_follows_the_reference(people):
+    a = people['astronaut'][0]
+    _, det, box = M.face_crops(np.stack([a, np.zeros_like(a), a]))
+    assert det.tolist() == [True, False, True] and np.isnan(box[1]).all()
+    blurred = cv2.GaussianBlur(a, (0, 0), 2.0)        # has a false detection larger than the face
+    _, _, b_ref = M.face_crops(blurred, reference_boxes=box[:1])
+    assert M._iou(b_ref[0], box[0]) > 0.7
+    with pytest.raises(UserError, match='no face found'):
+        M.face_crops(np.zeros((2, 80, 80, 3), np.uint8))
+
+
+def test_build_gallery_uses_the_cache(tmp_path, people, dlib_emb):
+    from PIL import Image
+    g = tmp_path / 'gallery'; g.mkdir()
+    for n in ('astronaut', 'grace_hopper'): Image.fromarray(people[n][0]).save(g / f'{n}.png')
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(g / 'blank.png')
+    with pytest.warns(UserWarning, match='no face found in 1 item'):
+        g1 = M.build_gallery(g, dlib_emb, cache_dir=tmp_path / 'cache', progress=False)
+    assert g1.names == ['astronaut', 'grace_hopper'] and g1.skipped == ['blank'] and g1.stats.computed == 3
+    calls = []
+    orig = M.face_crops
+    M.face_crops = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        with pytest.warns(UserWarning):
+            g2 = M.build_gallery(g, dlib_emb, cache_dir=tmp_path / 'cache', progress=False)
+    finally: M.face_crops = orig
+    assert g2.stats.cached == 2 and g2.stats.computed == 1 and len(calls) == 1   # only the faceless item is retried
+    np.testing.assert_allclose(g1.embeddings, g2.embeddings)
+    with pytest.raises(UserError, match='holds no videos'):
+        (tmp_path / 'empty').mkdir(); M.build_gallery(tmp_path / 'empty', dlib_emb)
+
+
+# ---------------------------------------------------------------- temporal
+
+def test_flow_recovers_a_known_shift(frames):
+    a = frames[10]
+    b = cv2.warpAffine(a, np.float32([[1, 0, 3], [0, 1, -2]]), a.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
+    np.testing.assert_allclose(np.median(M.compute_flow(a, b).reshape(-1, 2), 0), [3, -2], atol=0.25)
+    bw = M.compute_flow(b, a)                          # flow t+1 → t: what the backward warp of eq. 7 needs
+    np.testing.assert_allclose(np.median(bw.reshape(-1, 2), 0), [-3, 2], atol=0.25)
+    assert np.abs(M.warp(a, bw) - b / 255).mean() < 0.3 * np.abs(a / 255 - b / 255).mean()
+
+
+def test_warp_error_static_real_shuffled(frames):
+    assert M.warp_error(np.repeat(frames[:1], 4, 0)) == pytest.approx(0, abs=1e-6)
+    # the whole clip against the same frames shuffled (DIS fast preset, to keep the test quick)
+    real = M.warp_error(frames, flow='dis-fast')
+    shuf = M.warp_error(frames[np.random.default_rng(0).permutation(len(frames))], flow='dis-fast')
+    clip = frames[:8]
+    plain, masked = M.warp_error(clip), M.warp_error(clip, occlusion_mask=True)
+    print(f'warp error (dis-fast): real {real:.4f}, shuffled {shuf:.4f}; 8 frames (dis) {plain:.4f}, masked {masked:.4f}')
+    assert real < 0.5 * shuf and masked <= plain
+    with pytest.raises(UserError, match='at least 2 frames'): M.warp_error(clip[:1])
+
+
+def test_raft_missing_is_a_user_error(frames):
+    if M.raft_available(): pytest.skip('RAFT is available here')
+    with pytest.raises(UserError, match='--flow dis'): M.warp_error(frames[:2], flow='raft')
+
+
+def test_tl_tg_id():
+    E = np.array([[1., 0], [1, 0], [0, 1], [0, 1]])
+    assert M.tl_id(E) == pytest.approx(2 / 3) and M.tg_id(E) == pytest.approx(1 / 3)
+    assert M.tl_id(E, reference=E) == pytest.approx(1) and M.tg_id(np.ones((3, 2)), reference=E) == pytest.approx(3)
+    E[2] = np.nan
+    assert M.tl_id(E) == pytest.approx(1) and M.tg_id(E) == pytest.approx(1 / 3)
+
+
+class _ToyClip:
+    "encode_image: mean RGB (centred); encode_text: fixed vectors — makes the direction score exact."
+    def encode_image(self, x): return x.mean((2, 3)) - 0.5
+    def encode_text(self, prompts):
+        table = {'a red face': [1., 0, 0], 'a face': [0.1, 0.1, 0.1], 'a blue face': [0, 0, 1.]}
+        return torch.tensor([table[p] for p in prompts])
+
+
+def test_clip_direction_score_exact_with_a_toy_encoder():
+    base = np.full((3, 16, 16, 3), 128, np.uint8)
+    redder = base.copy(); redder[..., 0] = 200
+    s_red = M.clip_direction_score(redder, base, 'a red face', 'a face', clip=_ToyClip())
+    s_blue = M.clip_direction_score(redder, base, 'a blue face', 'a face', clip=_ToyClip())
+    assert s_red > 0.5 and s_blue < s_red
+
+
+def test_clip_direction_score_tiny_clip_and_missing_weights(frames):
+    from ipfacediff.losses import tiny_clip
+    small = np.stack([cv2.resize(f, (64, 64)) for f in frames[:3]])
+    assert M.clip_direction_score(small, small, 'a', 'b', clip=tiny_clip(0)) == pytest.approx(0.0, abs=1e-6)
+    s = M.clip_direction_score(np.clip(small.astype(int) + 40, 0, 255).astype(np.uint8), small, 'a bright face', 'a face', clip=tiny_clip(0))
+    assert -1 <= s <= 1
+    with pytest.raises(UserError, match='could not load CLIP'):
+        M.clip_direction_score(small, small, 'a', 'b', clip='/nonexistent/clip')
+
+
+def test_stage_timer():
+    t = M.StageTimer(cuda_sync=True)                  # sync is a no-op without CUDA
+    for _ in range(2):
+        with t('a'): time.sleep(0.01)
+    with t('b'): pass
+    d = t.as_dict()
+    assert list(d) == ['a', 'b'] and d['a']['calls'] == 2 and d['a']['seconds'] >= 0.02
+    assert '| a |' in t.table() and t.total == pytest.approx(d['a']['seconds'] + d['b']['seconds'])
+
+
+# ---------------------------------------------------------------- evaluate / CLI
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory, frames, people):
+    from PIL import Image
+    w = tmp_path_factory.mktemp('evaluate')
+    for d in ('orig', 'edited', 'bad'): (w / d).mkdir()
+    clip = frames[:10]
+    write_video(w / 'orig' / 'clip.mp4', clip, 10, progress=False)
+    Image.fromarray(people['grace_hopper'][0]).save(w / 'orig' / 'grace_hopper.png')
+    write_video(w / 'edited' / 'clip.mp4', M.degrade(M.degrade(clip, 'color', seed=3), 'blur'), 10, progress=False)
+    bad = M.degrade(clip[:8], 'jpeg'); bad[3] = 0; bad[5] = 255      # 2 frames fewer, 2 frames without a face
+    write_video(w / 'bad' / 'clip.mp4', bad, 10, progress=False)
+    return w
+
+
+def test_cli_evaluate_writes_tables_and_plots(work, capsys):
+    out = work / 'report'
+    r = subprocess.run([EXE, 'evaluate', '--original', str(work / 'orig'), '--edited', str(work / 'edited'),
+                        '--out', str(out), '--quiet'], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ['identity_distribution.png', 'identity_over_time.png', 'metrics.json',
+                                                      'per_video', 'table1.md', 'table3.md']
+    res = json.loads((out / 'metrics.json').read_text())
+    m = res['methods']['edited']
+    assert res['gallery_size'] == 2 and m['identity']['dlib']['r@1'] == 1.0 and m['identity']['dlib']['cosine_distance'] < 0.05
+    assert m['warp_error'] > 0 and m['videos']['clip']['frames_without_face_edited'] == 0
+    t1 = (out / 'table1.md').read_text()
+    assert '| Method | dlib cos. dist. ↓ | dlib R@1 ↑ | dlib MRR ↑ |' in t1 and '| edited |' in t1
+    assert 'Warp error' in (out / 'table3.md').read_text()
+    rows = (out / 'per_video' / 'edited' / 'clip.csv').read_text().splitlines()
+    assert rows[0].startswith('frame,face_original,face_edited,cosine_distance_dlib') and len(rows) == 11
+    before = (out / 'metrics.json').read_bytes()
+    from ipfacediff.cli import main                   # in-process: a second subprocess would re-import every module
+    assert main(['evaluate', '--original', str(work / 'orig'), '--edited', str(work / 'edited'), '--out', str(out)],
+                commands={'evaluate': ('ipfacediff.metrics', 'evaluate')}) == 2
+    err = capsys.readouterr().err
+    assert '--overwrite' in err and err.strip().count('\n') == 0
+    assert (out / 'metrics.json').read_bytes() == before
+
+
+def test_evaluate_self_is_perfect(work, people):
+    from PIL import Image
+    from ipfacediff.losses import tiny_clip
+    (work / 'self').mkdir(exist_ok=True); shutil.copy(work / 'orig' / 'clip.mp4', work / 'self' / 'clip.mp4')
+    (work / 'gal').mkdir(exist_ok=True); Image.fromarray(people['astronaut'][0]).save(work / 'gal' / 'astronaut.png')
+    res = M.evaluate(work / 'orig', work / 'self', work / 'r_self', gallery=work / 'gal', cache_dir=work / 'cache',
+                     clip=tiny_clip(0), prompt='a smiling face', source_prompt='a face', progress=False)
+    v = res['methods']['self']
+    assert res['gallery_size'] == 3 and res['embeddings']['computed'] == 4       # clip, grace_hopper, astronaut, the "edit"
+    assert v['identity']['dlib']['cosine_distance'] == pytest.approx(0, abs=1e-9)
+    assert v['identity']['dlib']['r@1'] == 1.0 and v['identity']['dlib']['mrr'] == 1.0
+    assert v['tl_id'] == pytest.approx(1) and v['warp_error'] == pytest.approx(v['warp_error_original'])
+    assert v['clip_direction'] == pytest.approx(0, abs=1e-6)                     # no change, no direction
+    assert 'CLIP direction' in (work / 'r_self' / 'table3.md').read_text()
+
+
+def test_evaluate_bad_input(work):
+    with pytest.warns(UserWarning) as rec:
+        res = M.evaluate(work / 'orig', work / 'bad', work / 'r_bad', progress=False)
+    msgs = ' '.join(str(w.message) for w in rec)
+    v = res['methods']['bad']['videos']['clip']
+    assert v['n_frames_edited'] == 8 and v['n_frames_compared'] == 8 and 'truncated' in msgs
+    assert v['frames_without_face_edited'] == 2 and 'no face found in 2 of 8' in msgs
+    assert any('truncated' in w for w in res['warnings'])
+    rows = (work / 'r_bad' / 'per_video' / 'bad' / 'clip.csv').read_text().splitlines()
+    assert rows[4].split(',')[2] == '0' and rows[4].split(',')[3] == ''      # frame 3: no face, no distance
+    from ipfacediff.cli import main
+    (work / 'empty').mkdir(exist_ok=True); (work / 'other').mkdir(exist_ok=True)
+    shutil.copy(work / 'orig' / 'clip.mp4', work / 'other' / 'someone.mp4')
+    for edited, msg in (('empty', 'holds no videos'), ('other', 'no original of the same name'), ('missing', 'no such folder')):
+        with pytest.raises(UserError, match=msg): M.evaluate(work / 'orig', work / edited, work / 'r2', progress=False)
+    with pytest.raises(UserError, match='unknown face embedder'):
+        M.evaluate(work / 'orig', work / 'edited', work / 'r2', recognizers='sphereface', progress=False)
+    assert main(['evaluate', '--original', str(work / 'orig'), '--edited', str(work / 'other'), '--out', str(work / 'r2')],
+                commands={'evaluate': ('ipfacediff.metrics', 'evaluate')}) == 2
+    assert not (work / 'r2').exists() and not list(work.glob('.r2*'))
