@@ -1,0 +1,83 @@
+"""`ipfacediff ablations` end to end (issue 6, part 4): the §5.6 configurations on a few frames of the bundled
+sample with tiny random models and branches fine-tuned on the spot — one mp4 per configuration with the right
+frame count, the tables, metrics and the frame grid; bad input refused with exit code 2 and nothing written;
+an existing study not overwritten without --overwrite."""
+import json, os, shutil, subprocess, sys, time
+from pathlib import Path
+import pytest
+from ipfacediff.utils import data_path
+
+EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+SAMPLE = str(data_path('sample.mp4'))
+ROWS = ['base', 'base_inject', 'ft_eps2', 'ft_eps1_inject', 'full']
+
+def cli(*args, cache):
+    env = {**os.environ, 'IPFACEDIFF_CACHE': str(cache), 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'}
+    t0 = time.time()
+    r = subprocess.run([EXE, 'ablations', *args, '--quiet'], capture_output=True, text=True, env=env, timeout=600)
+    return r, time.time() - t0
+
+def inprocess(capsys, monkeypatch, *args, cache):
+    "The same command in this process (no second import of torch): exit code, stdout, stderr."
+    from ipfacediff.cli import main
+    monkeypatch.setenv('IPFACEDIFF_CACHE', str(cache))
+    capsys.readouterr()
+    rc = main(['ablations', *args, '--quiet'])
+    o = capsys.readouterr()
+    return rc, o.out, o.err
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp('ablations')
+    r, secs = cli(SAMPLE, '--prompt', 'add glasses', '--out', str(d / 'study'), '--tiny', '--max-frames', '6', '--steps', '4',
+                  '--grid-frames', '4', cache=d / 'cache')
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, r, secs
+
+def test_tiny_study_end_to_end(study):
+    from ipfacediff.video import read_video
+    d, r, secs = study
+    out = d / 'study'
+    print(f'ipfacediff ablations --tiny: {secs:.0f} s')
+    assert 'smoke run' in r.stdout and 'wrote' in r.stdout
+    for n in ROWS:                                   # one edit per configuration, named like the original
+        frames, info = read_video(out / n / 'sample.mp4', progress=False)
+        assert len(frames) == 6 and info.fps == 10.0
+    assert (out / 'grid.png').stat().st_size > 10_000
+    table = (out / 'ablations.md').read_text()
+    assert [l.split('|')[1].strip() for l in table.splitlines() if l.startswith('| ') and '---' not in l][1:] == ROWS
+    assert 'Smoke run' in table and table in r.stdout
+    j = json.loads((out / 'ablations.json').read_text())
+    assert j['smoke'] is True and list(j['rows']) == ROWS
+    for n, row in j['rows'].items():
+        assert (row['unet_calls'].get('source', 0) == 0) == (not row['injection']), n
+        assert row['crop_metrics']['cosine_distance'] is not None and row['crop_metrics']['cosine_distance'] > 0
+        # evaluate either scored the row or says why not (dlib finds no face in the noise of a smoke run)
+        assert 'evaluate_error' in row or (out / 'metrics' / 'table1.md').exists()
+    # the fine-tuned branches were made on the spot and kept, and the recorded commands point at them
+    assert (out / 'tiny' / 'eps1' / 'adapter_config.json').exists() and (out / 'tiny' / 'eps2' / 'adapter_config.json').exists()
+    assert f"--edit-model {out / 'tiny' / 'eps2'}" in j['rows']['full']['command']
+    assert '--identity-model' not in j['rows']['ft_eps2']['command'] and '--no-identity-injection' in j['rows']['ft_eps2']['command']
+    assert not [p for p in d.iterdir() if p.name.startswith('.')]   # no temporary folders left behind
+
+def test_refuses_to_overwrite(study, capsys, monkeypatch):
+    d, _, _ = study
+    out = d / 'study'
+    before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
+    rc, o, e = inprocess(capsys, monkeypatch, SAMPLE, '--prompt', 'add glasses', '--out', str(out), '--tiny', '--max-frames', '6', cache=d / 'cache')
+    assert rc == 2 and 'already exists' in e and '--overwrite' in e and e.count('\n') == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
+
+@pytest.mark.parametrize('args, msg', [
+    (['/nonexistent/clip.mp4', '--tiny'], 'does not exist'),
+    ([SAMPLE, '--tiny', '--size', '100'], 'multiple of 64'),
+    ([SAMPLE, '--tiny', '--configs', 'base,bogus'], "unknown configuration 'bogus'"),
+    ([SAMPLE, '--identity-model', '/nonexistent/eps1'], 'pass --edit-model PATH'),          # ft_eps2 needs ε2
+    ([SAMPLE, '--configs', 'ft_eps1_inject', '--edit-model', 'x'], 'pass --identity-model PATH'),
+])
+def test_bad_input_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, msg):
+    out = tmp_path / 'study'
+    rc, o, e = inprocess(capsys, monkeypatch, args[0], '--prompt', 'add glasses', '--out', str(out), *args[1:], cache=tmp_path / 'cache')
+    assert rc == 2, (o, e)
+    assert msg in e and e.count('\n') == 1 and 'Traceback' not in e
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ['cache']) and not out.exists()

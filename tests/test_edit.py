@@ -1,0 +1,93 @@
+"""`ipfacediff edit` end to end on the bundled sample with tiny random models (issue 5's 'done when'):
+same frame count, size and fps; the background untouched within codec tolerance; deterministic;
+the inversion cache reused by a second prompt; bad input refused with exit code 2 and no file."""
+import os, shutil, subprocess, sys, time
+from pathlib import Path
+import numpy as np, cv2, pytest
+from ipfacediff.utils import data_path
+from ipfacediff.video import read_video
+from ipfacediff.faces import track_faces, paste_back
+
+EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+SAMPLE = str(data_path('sample.mp4'))
+
+def edit_inprocess(capsys, monkeypatch, *args, cache):
+    "The same command in this process (saves the imports; exit code and output as the CLI gives them)."
+    from ipfacediff.cli import main
+    monkeypatch.setenv('IPFACEDIFF_CACHE', str(cache))
+    capsys.readouterr()
+    rc = main(['edit', *args, '--quiet'])
+    o = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, o.out, o.err)
+
+def edit(*args, cache):
+    env = {**os.environ, 'IPFACEDIFF_CACHE': str(cache)}
+    t0 = time.time()
+    r = subprocess.run([EXE, 'edit', *args, '--quiet'], capture_output=True, text=True, env=env, timeout=600)
+    return r, time.time() - t0
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp('edit')
+    r, secs = edit(SAMPLE, '--prompt', 'add glasses', '--tiny', '--out', str(d / 'out.mp4'), cache=d / 'cache')
+    assert r.returncode == 0, r.stderr
+    return d, r, secs
+
+def test_runs_within_a_minute_and_keeps_the_format(first_run):
+    d, r, secs = first_run
+    assert secs < 60, f'the tiny edit of the 40-frame sample took {secs:.0f} s'
+    assert 'smoke run' in r.stdout and 'computed and cached' in r.stdout
+    src, si = read_video(SAMPLE, progress=False)
+    out, oi = read_video(d / 'out.mp4', progress=False)
+    assert out.shape == src.shape and oi.fps == si.fps and oi.n_frames == si.n_frames == 40
+    assert oi.has_audio == si.has_audio
+
+def test_background_untouched(first_run):
+    d, _, _ = first_run
+    src, _ = read_video(SAMPLE, progress=False)
+    out, _ = read_video(d / 'out.mp4', progress=False)
+    track = track_faces(src, size=128, progress=False)
+    _, masks = paste_back(src, np.zeros((len(src), 128, 128, 3), np.uint8), track, return_masks=True, progress=False)
+    # H.264 works on 16-px macroblocks: allow the blocks that touch the face mask to differ
+    near = np.stack([cv2.dilate((m > 0).astype(np.uint8), np.ones((33, 33), np.uint8)) for m in masks]) > 0
+    diff = np.abs(src.astype(int) - out.astype(int)).max(-1)
+    assert (~near).mean() > 0.4
+    assert diff[~near].mean() < 2.5 and np.percentile(diff[~near], 99.9) < 12   # re-encoding only
+    assert diff[near].mean() > 10                                               # the face was edited
+
+def test_same_seed_same_file_and_cache_reuse(first_run, capsys, monkeypatch):
+    d, _, _ = first_run
+    edit = lambda *a, cache: (edit_inprocess(capsys, monkeypatch, *a, cache=cache), 0)
+    r, _ = edit(SAMPLE, '--prompt', 'add glasses', '--tiny', '--out', str(d / 'again.mp4'), cache=d / 'cache')
+    assert r.returncode == 0 and 'reused from the cache (0 UNet calls)' in r.stdout
+    assert (d / 'again.mp4').read_bytes() == (d / 'out.mp4').read_bytes()
+    r, _ = edit(SAMPLE, '--prompt', 'make her older', '--tiny', '--out', str(d / 'older.mp4'), cache=d / 'cache')
+    assert r.returncode == 0 and 'reused from the cache' in r.stdout
+    assert (d / 'older.mp4').read_bytes() != (d / 'out.mp4').read_bytes()
+
+def test_refuses_to_overwrite(first_run, capsys, monkeypatch):
+    d, _, _ = first_run
+    edit = lambda *a, cache: (edit_inprocess(capsys, monkeypatch, *a, cache=cache), 0)
+    before = (d / 'out.mp4').read_bytes()
+    r, _ = edit(SAMPLE, '--prompt', 'x', '--tiny', '--out', str(d / 'out.mp4'), cache=d / 'cache')
+    assert r.returncode == 2 and '--overwrite' in r.stderr and r.stderr.strip().count('\n') == 0
+    assert (d / 'out.mp4').read_bytes() == before
+
+@pytest.mark.parametrize('args, msg', [
+    (['missing.mp4', '--prompt', 'x'], 'does not exist'),
+    ([SAMPLE, '--prompt', '  '], 'prompt is empty'),
+    ([SAMPLE, '--prompt', 'x', '--steps', '10', '--inversion-steps', '15'], 'multiple of --steps'),
+    ([SAMPLE, '--prompt', 'x', '--size', '100'], 'multiple of 64'),
+])
+def test_bad_input_exit_2_and_no_file(tmp_path, args, msg, capsys, monkeypatch):
+    r = edit_inprocess(capsys, monkeypatch, *args, '--tiny', '--out', str(tmp_path / 'o.mp4'), cache=tmp_path / 'cache')
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert not (tmp_path / 'o.mp4').exists()
+
+def test_no_face_refused_without_output(tmp_path, capsys, monkeypatch):
+    from skimage.data import coffee
+    from ipfacediff.video import write_video
+    write_video(tmp_path / 'coffee.mp4', np.stack([coffee()[:256, :256]] * 6), 10, progress=False)
+    r = edit_inprocess(capsys, monkeypatch, str(tmp_path / 'coffee.mp4'), '--prompt', 'x', '--tiny', '--out', str(tmp_path / 'o.mp4'), cache=tmp_path / 'cache')
+    assert r.returncode == 2 and 'face' in r.stderr.lower(), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == '.mp4') == ['coffee.mp4']
