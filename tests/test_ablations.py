@@ -7,24 +7,19 @@ from pathlib import Path
 import pytest
 from ipfacediff.utils import data_path
 
-EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+from cli_helpers import run_cli, run_inprocess
+
 SAMPLE = str(data_path('sample.mp4'))
 ROWS = ['base', 'base_inject', 'ft_eps2', 'ft_eps1_inject', 'full']
 
 def cli(*args, cache):
-    env = {**os.environ, 'IPFACEDIFF_CACHE': str(cache), 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'}
-    t0 = time.time()
-    r = subprocess.run([EXE, 'ablations', *args, '--quiet'], capture_output=True, text=True, env=env, timeout=600)
-    return r, time.time() - t0
+    "`ipfacediff ablations ARGS --quiet` in a subprocess; (result, seconds)."
+    return run_cli('ablations', *args, '--quiet', cache=cache, env={'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'})
 
 def inprocess(capsys, monkeypatch, *args, cache):
-    "The same command in this process (no second import of torch): exit code, stdout, stderr."
-    from ipfacediff.cli import main
-    monkeypatch.setenv('IPFACEDIFF_CACHE', str(cache))
-    capsys.readouterr()
-    rc = main(['ablations', *args, '--quiet'])
-    o = capsys.readouterr()
-    return rc, o.out, o.err
+    "The same command in this process: exit code, stdout, stderr."
+    r = run_inprocess(capsys, monkeypatch, 'ablations', *args, '--quiet', cache=cache)
+    return r.returncode, r.stdout, r.stderr
 
 @pytest.fixture(scope='module')
 def study(tmp_path_factory):

@@ -7,12 +7,12 @@ from unittest import mock
 import numpy as np, pytest, torch
 from ipfacediff.utils import data_path
 
-EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+from cli_helpers import run_cli
 STAGES = {'track/align', 'encode', 'inversion', 'edit', 'decode', 'paste-back', 'write'}
 
 def cli(*args, timeout=300):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
-    return subprocess.run([EXE, 'bench', *args], capture_output=True, text=True, env=env, timeout=timeout)
+    "`ipfacediff bench ARGS` in a subprocess, one torch thread."
+    return run_cli('bench', *args, env={'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}, timeout=timeout)[0]
 
 def test_tiny_bench_json(tmp_path):
     out = tmp_path / 'b.json'

@@ -4,10 +4,9 @@ from pathlib import Path
 import pytest
 import ipfacediff
 
-EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+from cli_helpers import run_cli
 
-def run(*args, cwd=None):
-    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def run(*args, cwd=None): return run_cli(*args, cwd=cwd, timeout=300)[0]
 
 def test_version():
     r = run('--version')

@@ -8,23 +8,16 @@ from ipfacediff.utils import data_path
 from ipfacediff.video import read_video
 from ipfacediff.faces import track_faces, paste_back
 
-EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+from cli_helpers import run_cli, run_inprocess
+
 SAMPLE = str(data_path('sample.mp4'))
 
-def edit_inprocess(capsys, monkeypatch, *args, cache):
-    "The same command in this process (saves the imports; exit code and output as the CLI gives them)."
-    from ipfacediff.cli import main
-    monkeypatch.setenv('IPFACEDIFF_CACHE', str(cache))
-    capsys.readouterr()
-    rc = main(['edit', *args, '--quiet'])
-    o = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, o.out, o.err)
-
 def edit(*args, cache):
-    env = {**os.environ, 'IPFACEDIFF_CACHE': str(cache)}
-    t0 = time.time()
-    r = subprocess.run([EXE, 'edit', *args, '--quiet'], capture_output=True, text=True, env=env, timeout=600)
-    return r, time.time() - t0
+    "`ipfacediff edit ARGS --quiet` in a subprocess; (result, seconds)."
+    return run_cli('edit', *args, '--quiet', cache=cache)
+
+def edit_inprocess(capsys, monkeypatch, *args, cache):
+    return run_inprocess(capsys, monkeypatch, 'edit', *args, '--quiet', cache=cache)
 
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory):

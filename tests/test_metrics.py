@@ -9,7 +9,7 @@ from ipfacediff import metrics as M
 from ipfacediff.utils import UserError, data_path
 from ipfacediff.video import read_video, write_video
 
-EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
+from cli_helpers import run_cli
 
 
 @pytest.fixture(scope='module')
@@ -216,9 +216,8 @@ def work(tmp_path_factory, frames, people):
 
 def test_cli_evaluate_writes_tables_and_plots(work, capsys):
     out = work / 'report'
-    r = subprocess.run([EXE, 'evaluate', '--original', str(work / 'orig'), '--edited', str(work / 'edited'),
-                        '--out', str(out), '--quiet'], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    r, _ = run_cli('evaluate', '--original', work / 'orig', '--edited', work / 'edited', '--out', out, '--quiet',
+                   timeout=300, env={'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ['identity_distribution.png', 'identity_over_time.png', 'metrics.json',
                                                       'per_video', 'table1.md', 'table3.md']
