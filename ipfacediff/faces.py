@@ -4,17 +4,19 @@
 
 # %% ../nbs/03_faces.ipynb #c13b4023
 from __future__ import annotations
-import functools, importlib.util, math, warnings
+import contextlib, copy, functools, importlib.util, math, queue, warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, cv2
 from scipy.ndimage import gaussian_filter1d
 from tqdm.auto import tqdm
-from .utils import UserError
+from .utils import UserError, cpu_workers
 
 # %% auto #0
 __all__ = ['MASK_REGIONS', 'dlib_model_path', 'detect_faces', 'face_landmarks', 'ffhq_quad', 'quad_corners', 'crop_matrix',
-           'apply_affine', 'FaceTrack', 'track_faces', 'crop_jitter', 'align_faces', 'face_mask', 'paste_back']
+           'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'crop_jitter', 'align_faces', 'face_mask',
+           'paste_back']
 
 # %% ../nbs/03_faces.ipynb #3ee73d54
 def dlib_model_path(name: str = 'shape_predictor_68_face_landmarks.dat') -> Path:
@@ -34,14 +36,23 @@ def _dlib_models():
     except ImportError: raise UserError("dlib is missing: pip install dlib-bin") from None
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path()))
 
+_IDLE_DETECTORS = queue.SimpleQueue()
+
+@contextlib.contextmanager
+def _detector():
+    "A HOG detector no other thread is using: an idle one from the pool, else a copy of the first."
+    try: det = _IDLE_DETECTORS.get_nowait()
+    except queue.Empty: det = copy.deepcopy(_dlib_models()[0])
+    try: yield det
+    finally: _IDLE_DETECTORS.put(det)
+
 # %% ../nbs/03_faces.ipynb #f882ff16
 def detect_faces(img: np.ndarray, max_side: int = 1024, upsample: int = 0) -> np.ndarray:
     "Face boxes `(K, 4)` as `(x0, y0, x1, y1)` in `img`'s pixels, largest first (dlib HOG on a copy ≤ `max_side`)."
-    det, _ = _dlib_models()
     gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     s = min(1.0, max_side / max(gray.shape[:2]))
     small = cv2.resize(gray, (round(gray.shape[1] * s), round(gray.shape[0] * s)), interpolation=cv2.INTER_AREA) if s < 1 else gray
-    rects = det(small, upsample)
+    with _detector() as det: rects = det(small, upsample)
     boxes = np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], dtype=np.float64).reshape(-1, 4)
     boxes /= s
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -119,24 +130,32 @@ def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     out = np.stack([np.interp(t, idx, flat[idx, j]) for j in range(flat.shape[1])], 1)
     return out.reshape(values.shape)
 
+def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | None = None, progress: bool = True) -> list[np.ndarray]:
+    "`detect_faces` on every frame, on `workers` threads (default: all CPUs); the boxes per frame, in order."
+    det = functools.partial(detect_faces, max_side=max_side, upsample=upsample)
+    with ThreadPoolExecutor(cpu_workers(workers)) as ex:
+        return list(tqdm(ex.map(lambda f: det(np.asarray(f)), frames), total=len(frames), desc='detecting the face',
+                         unit='frame', disable=not progress, leave=False))
+
 def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int = 1024, upsample: int = 0,
-                progress: bool = True) -> FaceTrack:
-    "Detect, landmark and FFHQ-align one face through `frames` (uint8 `(N, H, W, 3)`), smoothing the crops over time."
+                workers: int | None = None, progress: bool = True) -> FaceTrack:
+    """Detect, landmark and FFHQ-align one face through `frames` (uint8 `(N, H, W, 3)`), smoothing the crops over time.
+    Detection, most of the cost, runs on `workers` threads (default: all CPUs); the result does not depend on it."""
     n = len(frames)
     if n == 0: raise UserError("no frames to look for a face in")
     H, W = np.asarray(frames[0]).shape[:2]
     lms, boxes = np.zeros((n, 68, 2)), np.zeros((n, 4))
     detected, n_faces, prev = np.zeros(n, bool), np.zeros(n, int), None
+    all_found = detect_all(frames, max_side, upsample, workers, progress)
     for i in tqdm(range(n), desc='tracking the face', unit='frame', disable=not progress, leave=False):
-        gray = cv2.cvtColor(np.asarray(frames[i]), cv2.COLOR_RGB2GRAY)
-        found = detect_faces(gray, max_side, upsample)
+        found = all_found[i]
         n_faces[i] = len(found)
         if not len(found): continue
         best = found[0]
         if prev is not None and len(found) > 1:
             ious = [_iou(prev, b) for b in found]
             if max(ious) > 0.3: best = found[int(np.argmax(ious))]
-        boxes[i], lms[i], detected[i], prev = best, face_landmarks(gray, best), True, best
+        boxes[i], lms[i], detected[i], prev = best, face_landmarks(np.asarray(frames[i]), best), True, best
     if not detected.any():
         raise UserError(f"no face found in any of the {n} frames: give a video with a clearly visible, roughly frontal "
                         "face (at least ~80 px wide; for small faces try upsample=1)")

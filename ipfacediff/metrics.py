@@ -33,7 +33,7 @@ def _crop(img, M, size):
 def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = False):
     """FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames with a face, the mask `(N,)` of those frames,
     and the chosen face boxes `(N, 4)` (x0, y0, x1, y1; NaN without a face)."""
-    from ipfacediff.faces import detect_faces, face_landmarks, ffhq_quad, crop_matrix
+    from ipfacediff.faces import detect_all, face_landmarks, ffhq_quad, crop_matrix
     frames = np.asarray(frames)
     if frames.ndim == 3: frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -42,9 +42,9 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
     if n == 0: raise UserError("no frames to look for a face in")
     ref = None if reference_boxes is None else np.asarray(reference_boxes, np.float64)
     boxes, crops, prev = np.full((n, 4), np.nan), [], None
+    all_found = detect_all(frames, progress=progress)                   # on all CPUs
     for i in tqdm(range(n), desc='faces', disable=not progress, leave=False):
-        gray = cv2.cvtColor(frames[i], cv2.COLOR_RGB2GRAY)
-        found = detect_faces(gray)
+        found = all_found[i]
         if not len(found): continue
         hint = ref[i] if ref is not None and i < len(ref) and np.isfinite(ref[i]).all() else None
         best = found[0]
@@ -53,7 +53,7 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
             k = int(np.argmax(ious))
             if ious[k] > 0.3: best = found[k]
             elif hint is not None: continue           # the original's face is not found here
-        c, x = ffhq_quad(face_landmarks(gray, best))
+        c, x = ffhq_quad(face_landmarks(frames[i], best))
         crops.append(_crop(frames[i], crop_matrix(c, x, size), size))
         boxes[i], prev = best, best
     det = np.isfinite(boxes[:, 0])

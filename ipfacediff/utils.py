@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'resolve_device', 'resolve_dtype',
+__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'cpu_workers', 'resolve_device', 'resolve_dtype',
            'seed_everything']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
@@ -75,6 +75,15 @@ def atomic_dir(path, overwrite: bool = False):
         else: os.replace(tmp, path)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00a_utils.ipynb #709456f1
+def cpu_workers(workers: int | None = None) -> int:
+    "`workers` if given (at least 1), else the CPUs this process may use."
+    if workers is not None:
+        if int(workers) < 1: raise UserError(f"workers must be at least 1, got {workers}")
+        return int(workers)
+    try: return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError: return max(1, os.cpu_count() or 1)
 
 # %% ../nbs/00a_utils.ipynb #726c588c
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.float16, 'fp16': torch.float16,
