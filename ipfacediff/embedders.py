@@ -131,17 +131,9 @@ def fetch_face_recognition_images(cache_dir=None, timeout: float = 300) -> dict:
 def align_still(image: np.ndarray, lm68, size: int = 512):
     "FFHQ-align a uint8 RGB still from its 68 landmarks; returns (aligned, M) with M: aligned px → image px (2×3)."
     import cv2
-    from ipfacediff.faces import ffhq_quad, crop_matrix
+    from ipfacediff.faces import ffhq_quad, crop_matrix, _warp
     C = crop_matrix(*ffhq_quad(lm68), size)                  # crop <- image
-    M = np.linalg.inv(np.vstack([C, [0, 0, 1]]))[:2]         # image <- crop
-    k, src, Ms = int(np.floor(np.hypot(*M[:, 0]))), image, M
-    if k >= 2:                                               # shrink by k first, against aliasing
-        h, w = image.shape[:2]; hs, ws = h // k, w // k
-        src = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_AREA)
-        f = np.array([[w / ws], [h / hs]])                   # small px = (image px + ½) / f − ½
-        Ms = np.concatenate([M[:, :2] / f, (M[:, 2:] + 0.5) / f - 0.5], 1)
-    out = cv2.warpAffine(src, Ms, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REFLECT_101)
-    return out, M
+    return _warp(image, C, (size, size), interp=cv2.INTER_LINEAR), cv2.invertAffineTransform(C)
 
 # %% ../nbs/03a_embedders.ipynb #130fb6a2
 class DemoFace(NamedTuple):
