@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, copy, functools, importlib.util, math, queue, warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 import numpy as np, cv2
 from scipy.ndimage import gaussian_filter1d
@@ -15,8 +15,8 @@ from .utils import UserError, cpu_workers
 
 # %% auto #0
 __all__ = ['MASK_REGIONS', 'dlib_model_path', 'detect_faces', 'face_landmarks', 'ffhq_quad', 'quad_corners', 'crop_matrix',
-           'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'crop_jitter', 'align_faces', 'face_mask',
-           'paste_back']
+           'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'save_track', 'load_track', 'crop_jitter',
+           'align_faces', 'face_mask', 'paste_back']
 
 # %% ../nbs/03_faces.ipynb #3ee73d54
 def dlib_model_path(name: str = 'shape_predictor_68_face_landmarks.dat') -> Path:
@@ -175,6 +175,18 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
     Minv = np.stack([cv2.invertAffineTransform(m) for m in M])
     return FaceTrack(size=size, frame_size=(H, W), landmarks=lms, boxes=boxes, detected=detected, n_faces=n_faces,
                      raw_quads=quad_corners(raw_c, raw_x), quads=quad_corners(c, x), crop_from_frame=M, frame_from_crop=Minv)
+
+# %% ../nbs/03_faces.ipynb #b5b98f59
+def save_track(track: FaceTrack, path) -> Path:
+    "Write `track` to `path` in NumPy's `.npz` format (under exactly that name)."
+    with open(path, 'wb') as fh: np.savez(fh, **{f.name: np.asarray(getattr(track, f.name)) for f in fields(FaceTrack)})
+    return Path(path)
+
+def load_track(path) -> FaceTrack:
+    "Read a `FaceTrack` written by `save_track`."
+    with np.load(path) as z:
+        d = {k: z[k] for k in z.files}
+    return FaceTrack(**{**d, 'size': int(d['size']), 'frame_size': tuple(int(v) for v in d['frame_size'])})
 
 # %% ../nbs/03_faces.ipynb #061d4173
 def crop_jitter(quads: np.ndarray) -> dict:

@@ -17,14 +17,14 @@ from .models import (SDComponents, DEFAULT_MODEL, load_components, load_branch, 
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
 from .video import read_video, write_video, write_side_by_side
-from .faces import track_faces, align_faces, paste_back, MASK_REGIONS
+from .faces import FaceTrack, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer
 
 # %% auto #0
-__all__ = ['NEGATIVE_PROMPT', 'EditConfig', 'unet_budget', 'default_cache_dir', 'inversion_key', 'weights_fingerprint',
-           'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents', 'invert', 'keyframe_groups',
-           'merge_keyframes', 'edit_step', 'edit_latents', 'edit', 'edit_video', 'is_lora_dir', 'AdapterRows',
-           'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
+__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'EditConfig', 'unet_budget', 'default_cache_dir', 'cache_key', 'file_digest',
+           'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents', 'invert',
+           'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'edit', 'edit_video',
+           'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -82,11 +82,20 @@ def default_cache_dir() -> Path:
     "`$IPFACEDIFF_CACHE`, else `~/.cache/ipfacediff`."
     return Path(os.environ.get('IPFACEDIFF_CACHE', Path.home() / '.cache' / 'ipfacediff'))
 
-def inversion_key(crops: np.ndarray, **settings) -> str:
-    "sha256 of the crops' bytes and the settings that change the inversion."
-    h = hashlib.sha256(np.ascontiguousarray(crops).tobytes())
+def cache_key(data: np.ndarray | bytes, **settings) -> str:
+    "sha256 of `data` (an array's bytes, or bytes) and of the settings that change what is cached."
+    h = hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
+
+TRACK_CACHE_VERSION = 1     # bump when `track_faces` changes what it returns
+
+def file_digest(path, chunk: int = 1 << 20) -> bytes:
+    "sha256 of a file's bytes."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(chunk), b''): h.update(b)
+    return h.digest()
 
 # %% ../nbs/09_pipeline.ipynb #840eaa64
 @torch.no_grad()
@@ -112,9 +121,10 @@ class EditResult:
     timings: dict
     unet_calls: dict
     budget: dict
-    cache_hit: bool
+    cache_hit: bool                    # the inversion came from the cache
     track: object = None               # the `faces.FaceTrack` used for alignment and paste-back
     out: Path | None = None
+    track_cached: bool = False         # the face track came from the cache
 
 def _to_unit(crops: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -325,6 +335,27 @@ def edit_latents(self: IPFaceDiffPipeline, traj: dict, cfg: EditConfig) -> torch
 IPFaceDiffPipeline.edit_latents = edit_latents
 
 # %% ../nbs/09_pipeline.ipynb #d6290497
+def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, source=None) -> tuple[FaceTrack, bool]:
+    """The face track of `frames` (`faces.track_faces`) and whether it came from the cache. Tracks of frames read
+    from the file `source` are cached, keyed by the file's bytes and the settings that decide the frames and crops."""
+    if source is None: return track_faces(frames, size=cfg.size, progress=self.progress), False
+    key = cache_key(file_digest(source), version=TRACK_CACHE_VERSION, size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames)
+    path = self.cache_dir / 'tracks' / f'{key}.npz'
+    if path.exists():
+        try:
+            track = load_track(path)
+            if len(track) == len(frames) and track.frame_size == frames.shape[1:3]: return track, True
+        except Exception: pass
+        warnings.warn(f'ignoring a face-track cache file that does not fit this video: {path}')
+    track = track_faces(frames, size=cfg.size, progress=self.progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, overwrite=True) as tmp:
+        save_track(track, tmp)
+    return track, False
+
+IPFaceDiffPipeline.face_track = face_track
+
+# %% ../nbs/09_pipeline.ipynb #8a4c6e5a
 def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_side=None, overwrite: bool = False,
          fps: float | None = None, timer: StageTimer | None = None) -> EditResult:
     """Edit the face in `video` by `cfg.prompt`; write `out` (and an original|edited `side_by_side`) if given.
@@ -345,7 +376,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
             if frames.ndim != 4 or frames.dtype != np.uint8: raise UserError("frames must be uint8 (N, H, W, 3)")
             if not fps: raise UserError("pass the frame rate (fps=) with raw frames")
     with timer('track/align'):
-        track = track_faces(frames, size=cfg.size, progress=self.progress)
+        track, track_hit = self.face_track(frames, cfg, video if isinstance(video, (str, Path)) else None)
         crops = align_faces(frames, track, progress=self.progress)
     with timer('encode'): z0 = self.encode_crops(crops, cfg.batch_size)
     if getattr(self, '_weights_key', None) is None:
@@ -353,7 +384,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         a = self.adapters
         skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
         self._weights_key = weights_fingerprint(self.eps1, self.c.vae, skip=skip)
-    key = inversion_key(crops, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key, steps=cfg.inversion_steps,
+    key = cache_key(crops, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key, steps=cfg.inversion_steps,
                         prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size, batch=cfg.batch_size)
     with timer('inversion'): traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
@@ -366,7 +397,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
                 write_side_by_side(side_by_side, frames, full, fps, audio_from=audio, audio_start=start,
                                    overwrite=overwrite, progress=self.progress)
     return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(len(frames), cfg, hit), hit,
-                      track, Path(out) if out is not None else None)
+                      track, Path(out) if out is not None else None, track_hit)
 
 IPFaceDiffPipeline.edit = edit
 IPFaceDiffPipeline.__call__ = edit
@@ -491,6 +522,7 @@ def run_edit(a) -> EditResult:
     r = pipe.edit(a.input, cfg, out=out, side_by_side=a.side_by_side, overwrite=a.overwrite)
     print(f'wrote {out}: {len(r.frames)} frames at {r.fps:g} fps')
     if a.side_by_side: print(f'wrote {a.side_by_side} (original | edited)')
+    print('face track: ' + ('reused from the cache' if r.track_cached else 'computed and cached'))
     print('inversion: ' + ('reused from the cache (0 UNet calls)' if r.cache_hit else f"computed and cached ({r.unet_calls.get('inversion', 0)} UNet calls)"))
     print('UNet calls (frame-rows): ' + ', '.join(f'{k} {v}' for k, v in sorted(r.unet_calls.items())))
     print('seconds: ' + ', '.join(f"{k} {v['seconds']:.2f}" for k, v in r.timings.items()))

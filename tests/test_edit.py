@@ -29,7 +29,7 @@ def first_run(tmp_path_factory):
 def test_runs_within_a_minute_and_keeps_the_format(first_run):
     d, r, secs = first_run
     assert secs < 60, f'the tiny edit of the 40-frame sample took {secs:.0f} s'
-    assert 'smoke run' in r.stdout and 'computed and cached' in r.stdout
+    assert 'smoke run' in r.stdout and 'face track: computed and cached' in r.stdout and 'inversion: computed and cached' in r.stdout
     src, si = read_video(SAMPLE, progress=False)
     out, oi = read_video(d / 'out.mp4', progress=False)
     assert out.shape == src.shape and oi.fps == si.fps and oi.n_frames == si.n_frames == 40
@@ -53,6 +53,7 @@ def test_same_seed_same_file_and_cache_reuse(first_run, capsys, monkeypatch):
     edit = lambda *a, cache: (edit_inprocess(capsys, monkeypatch, *a, cache=cache), 0)
     r, _ = edit(SAMPLE, '--prompt', 'add glasses', '--tiny', '--out', str(d / 'again.mp4'), cache=d / 'cache')
     assert r.returncode == 0 and 'reused from the cache (0 UNet calls)' in r.stdout
+    assert 'face track: reused from the cache' in r.stdout
     assert (d / 'again.mp4').read_bytes() == (d / 'out.mp4').read_bytes()
     r, _ = edit(SAMPLE, '--prompt', 'make her older', '--tiny', '--out', str(d / 'older.mp4'), cache=d / 'cache')
     assert r.returncode == 0 and 'reused from the cache' in r.stdout
