@@ -193,8 +193,10 @@ def bench_run(pipe: IPFaceDiffPipeline, frames: np.ndarray, fps: float, cfg: Edi
 
 # %% ../nbs/12_bench.ipynb #1dc6a61b
 def _git_commit() -> str:
+    "The checkout's short commit (+dirty); `IPFACEDIFF_COMMIT` when set, for copies of a checkout without `.git`."
+    if os.environ.get('IPFACEDIFF_COMMIT'): return os.environ['IPFACEDIFF_COMMIT']
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd()   # a notebook has no __file__
         h = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         return (h + ('+dirty' if dirty else '')) if h else 'unknown'
