@@ -370,7 +370,7 @@ def add_cli(sub):
     p.add_argument('--configs', help=f"comma-separated rows to run (default all: {','.join(ABLATIONS)})")
     p.add_argument('--tiny', action='store_true', help='smoke run: tiny random models, branches fine-tuned on the spot (pixels are noise)')
     p.add_argument('--steps', type=int, help='DDIM editing steps (default 50; 10 with --tiny)')
-    p.add_argument('--inversion-steps', type=int, help='DDIM inversion steps, a multiple of --steps (default: --steps)')
+    p.add_argument('--inversion-steps', type=int, help='DDIM inversion steps whose grid contains the editing grid, e.g. 100, 250, 500 or 999 for 50 steps (default: --steps)')
     p.add_argument('--size', type=int, help='aligned face crop size (default 512; 128 with --tiny)')
     p.add_argument('--max-frames', type=int, help='edit only the first N frames (default all; 16 with --tiny)')
     p.add_argument('--fps', type=float, help='resample the input to this frame rate (the paper evaluates at 10)')

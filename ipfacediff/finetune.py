@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .utils import UserError, resolve_device
 from .models import (DEFAULT_MODEL, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode)
-from .ddim import alphas_cumprod_sd, ddim_step, ddim_timesteps, predict_x0
+from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
 from .losses import DEFAULT_CLIP, NADA_TEMPLATES, directional_clip_loss, identity_loss, load_clip, text_direction, tiny_clip
 from .facedata import EditPrompts, FaceDataset
 
@@ -108,15 +108,7 @@ class StreamBatchSampler(torch.utils.data.Sampler):
 @torch.no_grad()
 def invert_to(z0: torch.Tensor, eps_fn, t: int, num_steps: int = 50, alphas_cumprod=None) -> torch.Tensor:
     "x_t by DDIM inversion of `z0` with `eps_fn(z, t)`: `ddim_invert(...)[t]` without the steps beyond t."
-    abar = alphas_cumprod if alphas_cumprod is not None else alphas_cumprod_sd()
-    ts = ddim_timesteps(num_steps, len(abar))[::-1]
-    if t not in ts: raise ValueError(f"t={t} is not on the {num_steps}-step DDIM grid")
-    z, t_prev = z0, None
-    for s in ts:
-        a_prev = abar[t_prev] if t_prev is not None else abar[0]
-        z = ddim_step(z, eps_fn(z, t_prev if t_prev is not None else 0), a_prev, abar[s])
-        if s == t: return z
-        t_prev = s
+    return ddim_invert(z0, eps_fn, num_steps, alphas_cumprod, stop_at=t)[t]
 
 def generate_x0(eps_fn, x_t: torch.Tensor, t: int, steps: int = 1, num_steps: int = 50, alphas_cumprod=None,
                 checkpointing: bool = False) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import UserError, atomic_output, resolve_device, resolve_dtype
-from .ddim import ddim_timesteps, ddim_step
+from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, DEFAULT_MODEL, load_components, load_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
@@ -21,13 +21,18 @@ from .faces import FaceTrack, track_faces, align_faces, paste_back, save_track, 
 from .metrics import StageTimer
 
 # %% auto #0
-__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'EditConfig', 'unet_budget', 'default_cache_dir', 'cache_key', 'file_digest',
-           'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents', 'invert',
-           'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'edit', 'edit_video',
-           'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
+__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'EditConfig', 'unet_budget', 'default_cache_dir',
+           'cache_key', 'file_digest', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
+           'decode_latents', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
+           'edit', 'edit_video', 'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
+
+def _grid_contains(inversion_steps: int, steps: int) -> bool:
+    "Whether the DDIM grid of `inversion_steps` holds every timestep of the `steps` grid."
+    try: return set(ddim_timesteps(steps)) <= set(ddim_timesteps(inversion_steps))
+    except ValueError: return False
 
 @dataclass
 class EditConfig:
@@ -36,7 +41,7 @@ class EditConfig:
     source_prompt: str = 'a photo of a face'   # conditions ε1 for inversion and the source pass
     negative_prompt: str = NEGATIVE_PROMPT
     steps: int = 50                 # DDIM editing steps
-    inversion_steps: int = 50       # DDIM inversion steps (a multiple of `steps`)
+    inversion_steps: int = 50       # DDIM inversion steps (its grid must contain the editing grid)
     guidance: float = 7.5           # classifier-free guidance scale
     attn_t: float = 0.5             # τ_attn: fraction of steps with ε1's Q, K injected
     conv_t: float = 0.8             # τ_conv: fraction of steps with ε1's resnet features injected
@@ -52,10 +57,16 @@ class EditConfig:
     mask: str = 'face'              # what is pasted back: 'face', 'head' (with the hair, for hair edits) or 'crop'
 
     def validate(self) -> 'EditConfig':
+        "Check every setting; a `UserError` that says what to change, else `self`."
         if not self.prompt or not self.prompt.strip(): raise UserError("the prompt is empty: say what to change, e.g. --prompt 'add glasses'")
         if self.steps < 1: raise UserError(f"--steps must be at least 1, got {self.steps}")
-        if self.inversion_steps < self.steps or self.inversion_steps % self.steps:
-            raise UserError(f"--inversion-steps ({self.inversion_steps}) must be a multiple of --steps ({self.steps}) so every editing step has its source latent")
+        try: ddim_timesteps(self.steps)
+        except ValueError as e: raise UserError(f"--steps: {e}") from None
+        if self.inversion_steps < 1: raise UserError(f"--inversion-steps must be at least 1, got {self.inversion_steps}")
+        if not _grid_contains(self.inversion_steps, self.steps):
+            ok = [n for n in (2 * self.steps, 5 * self.steps, 10 * self.steps, 999) if _grid_contains(n, self.steps)]
+            raise UserError(f"--inversion-steps {self.inversion_steps} does not give a source latent at every one of the {self.steps} editing "
+                            f"timesteps: use --inversion-steps {self.steps}" + ''.join(f", {n}" for n in ok))
         if self.size < 64 or self.size % 64: raise UserError(f"--size must be a multiple of 64 (e.g. 512), got {self.size}")
         if self.batch_size < 1: raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.guidance < 0: raise UserError(f"--guidance must be ≥ 0, got {self.guidance}")
@@ -89,6 +100,7 @@ def cache_key(data: np.ndarray | bytes, **settings) -> str:
     return h.hexdigest()[:32]
 
 TRACK_CACHE_VERSION = 1     # bump when `track_faces` changes what it returns
+INVERSION_CACHE_VERSION = 2 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`)
 
 def file_digest(path, chunk: int = 1 << 20) -> bytes:
     "sha256 of a file's bytes."
@@ -198,20 +210,15 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
         try: return torch.load(path, map_location='cpu', weights_only=True), True
         except Exception: warnings.warn(f'ignoring an unreadable inversion cache file {path}')
     abar = self.c.scheduler.alphas_cumprod.to(z0.device)
-    ts = ddim_timesteps(cfg.inversion_steps)[::-1]
     c_src = encode_prompt(self.c, [cfg.source_prompt])
-    traj = {t: [] for t in ts}
+    traj = {t: [] for t in ddim_timesteps(cfg.inversion_steps)}
     batches = frame_batches(len(z0), cfg.batch_size)
-    bar = self._bar(range(len(batches) * len(ts)), 'DDIM inversion (ε1)')
+    bar = self._bar(range(len(batches) * len(traj)), 'DDIM inversion (ε1)')
+    def eps1(z, t):
+        self.calls['inversion'] += len(z); bar.update()
+        return self.eps1(z, t, encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample
     for b in batches:
-        z, t_prev = z0[b], None
-        for t in ts:
-            tp = t_prev if t_prev is not None else 0
-            eps = self.eps1(z, tp, encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample
-            self.calls['inversion'] += len(z)
-            z = ddim_step(z, eps, abar[t_prev] if t_prev is not None else abar[0], abar[t])
-            traj[t].append(z.cpu()); t_prev = t
-            bar.update()
+        for t, z in ddim_invert(z0[b], eps1, cfg.inversion_steps, abar).items(): traj[t].append(z.cpu())
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
     if path is not None:
@@ -309,7 +316,7 @@ def edit_latents(self: IPFaceDiffPipeline, traj: dict, cfg: EditConfig) -> torch
     "Edited z0 for all frames from the inverted trajectory {t: z_t^src}."
     ts = ddim_timesteps(cfg.steps)
     missing = [t for t in ts if t not in traj]
-    if missing: raise UserError(f"the inversion has no latent for t={missing[0]}: use --inversion-steps that is a multiple of --steps")
+    if missing: raise UserError(f"the inversion has no latent for t={missing[0]}: choose --inversion-steps as EditConfig.validate says")
     dev, dt = self.c.device, self.c.dtype
     window = injection_schedule(ts, cfg.attn_t, cfg.conv_t)
     c_edit = torch.cat([encode_prompt(self.c, [cfg.negative_prompt]), encode_prompt(self.c, [cfg.prompt])])
@@ -384,7 +391,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         a = self.adapters
         skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
         self._weights_key = weights_fingerprint(self.eps1, self.c.vae, skip=skip)
-    key = cache_key(crops, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key, steps=cfg.inversion_steps,
+    key = cache_key(crops, version=INVERSION_CACHE_VERSION, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key, steps=cfg.inversion_steps,
                         prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size, batch=cfg.batch_size)
     with timer('inversion'): traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
@@ -541,7 +548,7 @@ def add_cli(sub):
     p.add_argument('--source-prompt', default='a photo of a face')
     p.add_argument('--negative-prompt', default=NEGATIVE_PROMPT)
     p.add_argument('--steps', type=int, help='DDIM editing steps (default 50; 10 with --tiny)')
-    p.add_argument('--inversion-steps', type=int, help='DDIM inversion steps, a multiple of --steps (default: --steps)')
+    p.add_argument('--inversion-steps', type=int, help='DDIM inversion steps whose grid contains the editing grid, e.g. 100, 250, 500 or 999 for 50 steps (default: --steps)')
     p.add_argument('--guidance', type=float, default=7.5)
     p.add_argument('--attn-t', type=float, default=0.5, help='τ_attn: fraction of steps with ε1 Q,K injection')
     p.add_argument('--conv-t', type=float, default=0.8, help='τ_conv: fraction of steps with ε1 resnet injection')
