@@ -38,7 +38,7 @@ class FinetuneConfig:
     lora_targets: tuple = ('to_q', 'to_k', 'to_v', 'to_out.0')
     steps: int = 30_000                    # optimizer steps (iterations)
     batch_size: int = 16                   # per optimizer step and process... see `global batch` below
-    lr: float = 1e-5
+    lr: float | None = None                # None → 1e-5 full fine-tuning (paper §5.1), 1e-4 LoRA
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     size: int = 512
@@ -74,6 +74,7 @@ class FinetuneConfig:
             raise UserError("directional fine-tuning (ε2) needs reference captions: pass --captions FILE.jsonl (see `caption_images` for BLIP-2)")
         for k in ('steps', 'batch_size', 'size', 'grad_accum', 'checkpoint_every', 'inversion_steps', 'gen_steps', 'rank'):
             if getattr(self, k) < 1: raise UserError(f"{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+        if self.lr is None: self.lr = 1e-4 if self.lora else 1e-5
         if self.lr <= 0: raise UserError(f"lr must be positive, got {self.lr}")
         if self.size % 8: raise UserError(f"size must be a multiple of 8 (the VAE's factor), got {self.size}")
         if self.mixed_precision not in ('no', 'fp16', 'bf16'): raise UserError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
@@ -215,7 +216,9 @@ class Finetuner:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         w = cfg.warmup_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
-        self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        # the LR schedule counts optimizer steps: stepped below, not by accelerate (which steps a prepared
+        # scheduler once per process on every optimizer step, shortening a warmup on several GPUs)
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1000 * self.acc.process_index)
         self.step, self._cache = 0, {}
         if self.resume_from is not None: self._load_checkpoint(self.resume_from)
@@ -402,7 +405,8 @@ class Finetuner:
                 loss, parts = self.loss(batch, t, self.generator)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm: acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step(); self.lr_scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.step(); self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients and not self.optimizer.step_was_skipped: self.lr_scheduler.step()
             acc_loss += loss.item() / cfg.grad_accum; micro += 1
             acc_parts = [a + p.item() / cfg.grad_accum for a, p in zip(acc_parts, parts)]
             if not acc.sync_gradients: continue
@@ -468,7 +472,7 @@ def add_cli(sub):
     p.add_argument('--steps', type=int, default=d.steps)
     p.add_argument('--batch-size', type=int, default=d.batch_size, help='per process and micro-batch')
     p.add_argument('--grad-accum', type=int, default=d.grad_accum)
-    p.add_argument('--lr', type=float, default=d.lr)
+    p.add_argument('--lr', type=float, default=d.lr, help='AdamW learning rate (default: 1e-4 with LoRA, 1e-5 with --full as in the paper)')
     p.add_argument('--warmup-steps', type=int, default=d.warmup_steps)
     p.add_argument('--size', type=int, default=d.size)
     p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default=d.mixed_precision)

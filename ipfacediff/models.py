@@ -14,7 +14,8 @@ from .utils import UserError, data_path, resolve_device, resolve_dtype
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'SDComponents', 'tiny_tokenizer', 'tiny_components',
-           'encode_prompt', 'vae_encode', 'vae_decode', 'load_components', 'save_components', 'load_branch']
+           'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components', 'save_components',
+           'load_branch']
 
 # %% ../nbs/01_models.ipynb #7195f596
 DEFAULT_MODEL = 'stabilityai/stable-diffusion-2-1-base'
@@ -104,6 +105,15 @@ def _missing_weights(spec, part, err) -> UserError:
         f"in diffusers' layout with --model /path/to/stable-diffusion-2-1-base (download it once with "
         f"`hf download {DEFAULT_MODEL} --local-dir DIR` where there is internet)")
 
+def check_scheduler(sched, model: str = 'the model') -> None:
+    "A `UserError` unless `sched` describes the ε-prediction, 1000-step diffusion that the DDIM code here is written for."
+    c = sched.config
+    if c.prediction_type != 'epsilon':
+        raise UserError(f"{model} predicts {c.prediction_type!r}, not the noise ε: use an ε-prediction model such as "
+                        f"{DEFAULT_MODEL} (stabilityai/stable-diffusion-2-1, the 768² model, predicts v)")
+    if c.num_train_timesteps != 1000 or len(sched.alphas_cumprod) != 1000:
+        raise UserError(f"{model} was trained with {c.num_train_timesteps} timesteps; ipfacediff's DDIM grid needs 1000 (as Stable Diffusion's)")
+
 def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDComponents:
     "Load SD's parts from a hub id or a local folder; a `UserError` naming what is missing if it fails."
     model = str(model)
@@ -125,6 +135,7 @@ def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDC
         except (OSError, ValueError, EnvironmentError) as e: raise _missing_weights(model, name, e) from None
     try: sched = DDIMScheduler.from_pretrained(model, subfolder='scheduler')
     except (OSError, ValueError): sched = make_scheduler()
+    check_scheduler(sched, model)
     return SDComponents(**parts, scheduler=sched, source=model).to(device).eval()
 
 def save_components(comps: SDComponents, path) -> Path:
