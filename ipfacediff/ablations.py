@@ -243,11 +243,10 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
                                    command=edit_command(a, video, prompt, out / a.name / f'{name}.mp4', model, identity_model, edit_model,
                                                         **{k: getattr(cfg, k) for k, _ in _EDIT_FLAGS if hasattr(cfg, k)}, propagation=cfg.propagation),
                                    n_frames=len(r.frames), fps=r.fps, unet_calls=dict(r.unet_calls), budget=r.budget,
-                                   cache_hit=r.cache_hit, timings=r.timings, seconds=secs)
+                                   cache_hit=r.cache_hit, track_cached=r.track_cached, timings=r.timings, seconds=secs)
             edits[a.name] = r
-        src = edits[rows[0].name].source_crops
+        src = edits[rows[0].name].source_crops       # all rows edit these crops: the face track is cached after row 1
         for n, r in edits.items():
-            if not np.array_equal(r.source_crops, src): warnings.warn(f'{n}: the source crops differ from {rows[0].name}\'s (tracking is not deterministic?)')
             records[n]['crop_metrics'] = crop_metrics(r.crops, r.source_crops, embs[rec0], r.frames)
         # ---- evaluate, exactly as `ipfacediff evaluate --original VIDEO --edited OUT/<row> ...` ----
         scratch = tmp / '.probe'
@@ -381,7 +380,7 @@ def add_cli(sub):
     p.add_argument('--gallery', help='extra folder of other people\'s videos to rank the original among (R@1, MRR)')
     p.add_argument('--grid-frames', type=int, default=6, help='columns of the frame grid')
     p.add_argument('--device', help='cuda, cpu or auto'); p.add_argument('--dtype', help='float16, bfloat16, float32 or auto')
-    p.add_argument('--cache-dir', help='inversion and embedding cache (default ~/.cache/ipfacediff)')
+    p.add_argument('--cache-dir', help='face-track, inversion and embedding cache (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
     p.add_argument('--overwrite', action='store_true', help='replace an earlier study in --out')
     p.add_argument('--quiet', action='store_true', help='no progress output')
     p.set_defaults(func=run_cli)

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from .utils import UserError, cpu_workers
 
 # %% auto #0
-__all__ = ['MASK_REGIONS', 'dlib_model_path', 'detect_faces', 'face_landmarks', 'ffhq_quad', 'quad_corners', 'crop_matrix',
-           'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'save_track', 'load_track', 'crop_jitter',
-           'align_faces', 'face_mask', 'paste_back']
+__all__ = ['MASK_REGIONS', 'dlib_model_path', 'tracker_id', 'detect_faces', 'face_landmarks', 'ffhq_quad', 'quad_corners',
+           'crop_matrix', 'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'save_track', 'load_track',
+           'crop_jitter', 'align_faces', 'face_mask', 'paste_back']
 
 # %% ../nbs/03_faces.ipynb #3ee73d54
 def dlib_model_path(name: str = 'shape_predictor_68_face_landmarks.dat') -> Path:
@@ -35,6 +35,12 @@ def _dlib_models():
     try: import dlib
     except ImportError: raise UserError("dlib is missing: pip install dlib-bin") from None
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path()))
+
+@functools.lru_cache(maxsize=None)
+def tracker_id() -> str:
+    "dlib's version and the landmark model's size: what, besides the settings, decides a track (for cache keys)."
+    import dlib
+    return f'dlib {dlib.__version__}, {dlib_model_path().stat().st_size} B landmark model'
 
 _IDLE_DETECTORS = queue.SimpleQueue()
 
@@ -133,6 +139,7 @@ def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
 def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | None = None, progress: bool = True) -> list[np.ndarray]:
     "`detect_faces` on every frame, on `workers` threads (default: all CPUs); the boxes per frame, in order."
     det = functools.partial(detect_faces, max_side=max_side, upsample=upsample)
+    _dlib_models()                      # load once here, not in every thread that finds the cache empty
     with ThreadPoolExecutor(cpu_workers(workers)) as ex:
         return list(tqdm(ex.map(lambda f: det(np.asarray(f)), frames), total=len(frames), desc='detecting the face',
                          unit='frame', disable=not progress, leave=False))

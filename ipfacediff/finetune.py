@@ -74,6 +74,8 @@ class FinetuneConfig:
             raise UserError("directional fine-tuning (ε2) needs reference captions: pass --captions FILE.jsonl (see `caption_images` for BLIP-2)")
         for k in ('steps', 'batch_size', 'size', 'grad_accum', 'checkpoint_every', 'inversion_steps', 'gen_steps', 'rank'):
             if getattr(self, k) < 1: raise UserError(f"{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+        try: ddim_timesteps(self.inversion_steps)
+        except ValueError as e: raise UserError(f"inversion-steps: {e}") from None
         if self.lr is None: self.lr = 1e-4 if self.lora else 1e-5
         if self.lr <= 0: raise UserError(f"lr must be positive, got {self.lr}")
         if self.size % 8: raise UserError(f"size must be a multiple of 8 (the VAE's factor), got {self.size}")

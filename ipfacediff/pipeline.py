@@ -17,14 +17,14 @@ from .models import (SDComponents, DEFAULT_MODEL, load_components, load_branch, 
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
 from .video import read_video, write_video, write_side_by_side
-from .faces import FaceTrack, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
-from .metrics import StageTimer
+from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
+from .metrics import StageTimer, content_hash
 
 # %% auto #0
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'EditConfig', 'unet_budget', 'default_cache_dir',
-           'cache_key', 'file_digest', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
-           'decode_latents', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
-           'edit', 'edit_video', 'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
+           'cache_key', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
+           'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'edit',
+           'edit_video', 'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -101,13 +101,6 @@ def cache_key(data: np.ndarray | bytes, **settings) -> str:
 
 TRACK_CACHE_VERSION = 1     # bump when `track_faces` changes what it returns
 INVERSION_CACHE_VERSION = 2 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`)
-
-def file_digest(path, chunk: int = 1 << 20) -> bytes:
-    "sha256 of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(chunk), b''): h.update(b)
-    return h.digest()
 
 # %% ../nbs/09_pipeline.ipynb #840eaa64
 @torch.no_grad()
@@ -346,7 +339,8 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
     """The face track of `frames` (`faces.track_faces`) and whether it came from the cache. Tracks of frames read
     from the file `source` are cached, keyed by the file's bytes and the settings that decide the frames and crops."""
     if source is None: return track_faces(frames, size=cfg.size, progress=self.progress), False
-    key = cache_key(file_digest(source), version=TRACK_CACHE_VERSION, size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames)
+    key = cache_key(content_hash(source).encode(), version=TRACK_CACHE_VERSION, tracker=tracker_id(), size=cfg.size, fps=cfg.fps,
+                    max_frames=cfg.max_frames)
     path = self.cache_dir / 'tracks' / f'{key}.npz'
     if path.exists():
         try:
@@ -563,7 +557,7 @@ def add_cli(sub):
     p.add_argument('--mask', default='face', choices=MASK_REGIONS, help="region pasted back: face (default), head (with the hair: hair colour, bangs) or crop")
     p.add_argument('--device', help='cuda, cpu or auto')
     p.add_argument('--dtype', help='float16, bfloat16, float32 or auto (float16 on GPU, float32 on CPU)')
-    p.add_argument('--cache-dir', help='where inversions are cached (default ~/.cache/ipfacediff)')
+    p.add_argument('--cache-dir', help='where face tracks and inversions are cached (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
     p.add_argument('--tiny', action='store_true', help='smoke run with tiny random models, offline (pixels are noise)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.set_defaults(func=run_edit)

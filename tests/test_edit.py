@@ -70,7 +70,7 @@ def test_refuses_to_overwrite(first_run, capsys, monkeypatch):
 @pytest.mark.parametrize('args, msg', [
     (['missing.mp4', '--prompt', 'x'], 'does not exist'),
     ([SAMPLE, '--prompt', '  '], 'prompt is empty'),
-    ([SAMPLE, '--prompt', 'x', '--steps', '10', '--inversion-steps', '15'], 'multiple of --steps'),
+    ([SAMPLE, '--prompt', 'x', '--steps', '10', '--inversion-steps', '15'], 'use --inversion-steps 10'),
     ([SAMPLE, '--prompt', 'x', '--size', '100'], 'multiple of 64'),
 ])
 def test_bad_input_exit_2_and_no_file(tmp_path, args, msg, capsys, monkeypatch):

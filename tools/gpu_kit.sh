@@ -31,7 +31,8 @@ fetch)
     done
     src=$("$PYTHON" -c "from ipfacediff.faces import dlib_model_path; print(dlib_model_path())")
     if [ ! -s ".kit/$MODEL.xz" ]; then                    # ~4 min on 2 cores
-        xz -T0 -9 -c "$src" > ".kit/$MODEL.xz.part" && mv ".kit/$MODEL.xz.part" ".kit/$MODEL.xz"
+        xz -T0 -9 -c "$src" > ".kit/$MODEL.xz.part"
+        mv ".kit/$MODEL.xz.part" ".kit/$MODEL.xz"
     fi
     du -sh .whl .kit
     ;;
@@ -53,7 +54,6 @@ bench)                                                   # device call 2 and lat
     fi
     export PYTHONPATH="$SITE:$SITE/models:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     out=${OUT:-.}
-    set -o pipefail
     "$PYTHON" -c 'import sys; from ipfacediff.cli import main; sys.exit(main())' \
         bench --config sd21 --device "${DEVICE:-cuda}" --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     ;;
