@@ -8,7 +8,7 @@ import contextlib, copy, datetime, json, os, platform, statistics, subprocess, t
 from collections import Counter
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, atomic_output, data_path, resolve_device, resolve_dtype
+from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype
 from .models import SDComponents, tiny_components, tiny_tokenizer, make_scheduler
 from .metrics import StageTimer
 from .pipeline import IPFaceDiffPipeline, EditConfig, unet_budget, AdapterRows
@@ -281,7 +281,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
               'inversion_steps': cfg.inversion_steps, 'branches': branches, 'keyframe_window': keyframe_window, 'channels_last': bool(channels_last if channels_last is not None else dev.type == 'cuda'),
               'compile': compile, 'unet_params': n_params(pipe.c.unet), 'flops_per_eval': flops, 'peak_tflops_measured': peak,
               'peak_tflops_nominal': nominal_peak(dev), 'commit': _git_commit(), 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-              'torch': torch.__version__, 'load_avg': os.getloadavg(), 'cpus': os.cpu_count(),
+              'torch': torch.__version__, 'load_avg': os.getloadavg(), 'cpus': os.cpu_count(), 'detection_threads': cpu_workers(),
               'floor_ratio_definition': 'seconds / (FLOPs / measured peak): 1.0 = running at the measured matmul peak',
               'runs': runs, 'summary': summary,
               'scaling': _scaling(runs, int(lo), int(hi), summary)}

@@ -8,8 +8,8 @@
 #
 #   here, once:     bash tools/gpu_kit.sh fetch         # fills .kit/ and .whl/ (both git-ignored)
 #   device call 1:  carry [".kit"]   bash tools/gpu_kit.sh predictor
-#   device call 2:  carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_40 --frames 40 && \
-#                                    IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_300 --frames 300
+#   device call 2:  carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_40 --frames 40
+#   device call 3+: carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_300 --frames 300   (while warm)
 # Each `bench NAME ARGS` runs `ipfacediff bench --config sd21 --device cuda ARGS` and leaves NAME.json
 # and NAME.log under $OUT. PYVER (default 3.12) and PYTHON (default python3) are for trying it elsewhere.
 set -euo pipefail
@@ -58,5 +58,5 @@ bench)                                                   # device call 2 and lat
         bench --config sd21 --device "${DEVICE:-cuda}" --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     ;;
 *)
-    sed -n '2,16p' "$0"; exit 2 ;;
+    sed -n '2,14p' "$0"; exit 2 ;;
 esac
