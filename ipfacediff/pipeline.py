@@ -495,7 +495,7 @@ _TINY_DEFAULTS = dict(size=128, steps=10, inversion_steps=10)
 
 def _settings_from_args(a) -> dict:
     s = {k: getattr(a, k) for k in ('source_prompt', 'negative_prompt', 'steps', 'inversion_steps', 'guidance', 'attn_t', 'conv_t',
-                                    'batch_size', 'size', 'fps', 'max_frames', 'seed', 'keyframe_window', 'mask')}
+                                    'batch_size', 'size', 'fps', 'max_frames', 'seed', 'keyframe_window', 'mask', 'nn_from')}
     if s['keyframe_window'] == 0: s['keyframe_window'] = None   # 0: all keyframes in one group
     for k, v in (_TINY_DEFAULTS if a.tiny else dict(size=512, steps=50, inversion_steps=None)).items():
         if s[k] is None: s[k] = v
@@ -548,6 +548,8 @@ def add_cli(sub):
     p.add_argument('--conv-t', type=float, default=0.8, help='τ_conv: fraction of steps with ε1 resnet injection')
     p.add_argument('--batch-size', type=int, default=8, help='frames per batch (one keyframe each)')
     p.add_argument('--keyframe-window', type=int, default=8, help='most keyframes in one extended-attention group (0: all, quadratic in the length)')
+    p.add_argument('--nn-from', default='edit', choices=('edit', 'source'),
+                   help="NN field after the injection window: ε2's own tokens (edit, default: no ε1 pass there) or an ε1 source pass every step (source, TokenFlow's way)")
     p.add_argument('--fps', type=float, help='resample the input to this frame rate')
     p.add_argument('--max-frames', type=int)
     p.add_argument('--size', type=int, help='aligned face crop size (default 512; 128 with --tiny)')
