@@ -173,6 +173,7 @@ def _evaluate_rows(video, dirs: list, out: Path, scratch: Path, **kw):
 # %% ../nbs/11_ablations.ipynb #d3fab85f
 def _table(rows: dict, metrics: dict | None, rec: str, smoke: bool) -> str:
     m = (metrics or {}).get('methods', {})
+    ranked = (metrics or {}).get('gallery_size', 0) > 1        # with the input video alone, R@1 = MRR = 1 says nothing
     head = ('| Config | ε1 | ε2 | Injection | Identity on crops ({r}) cos. dist. ↓ | Mean frame cos. dist. ↓ | TL-ID ↑ | TG-ID ↑ | '
             'Warp error ↓ | evaluate: cos. dist. ↓ | R@1 ↑ | MRR ↑ | Warp error ↓ | UNet calls (inv / edit / kf / source) | Seconds |').format(r=rec)
     lines = [head, '| --- | --- | --- | :---: |' + ' ---: |' * 11]
@@ -182,14 +183,14 @@ def _table(rows: dict, metrics: dict | None, rec: str, smoke: bool) -> str:
         calls = r['unet_calls']
         lines.append(f"| {n} | {r['eps1']} | {r['eps2']} | {'on' if r['injection'] else 'off'} | {_fmt(c['cosine_distance'])} | "
                      f"{_fmt(c['mean_frame_cosine_distance'])} | {_fmt(c['tl_id'], 3)} | {_fmt(c['tg_id'], 3)} | {_fmt(c['warp_error'])} | "
-                     f"{_fmt(ident.get('cosine_distance'))} | {_fmt(ident.get('r@1'), 3)} | {_fmt(ident.get('mrr'), 3)} | "
+                     f"{_fmt(ident.get('cosine_distance'))} | {_fmt(ident.get('r@1') if ranked else None, 3)} | {_fmt(ident.get('mrr') if ranked else None, 3)} | "
                      f"{_fmt(e['warp_error'] if e else None)} | "
                      f"{calls.get('inversion', 0)} / {calls.get('edit', 0)} / {calls.get('keyframes', 0)} / {calls.get('source', 0)} | "
                      f"{r['seconds']:.1f} |")
     notes = ["\n*Identity on crops: the pipeline's own aligned crops, edited vs source, frame t vs frame t (no face detection); "
              "TL-ID/TG-ID normalised by the source crops; warp error (eq. 7, DIS) on the edited full frames before encoding. "
              "evaluate: `ipfacediff evaluate` on the written mp4s (detected faces, §5.3 ranking; see metrics/table1.md, table3.md); "
-             "— where no face was found in the edit.*"]
+             "— where no face was found in the edit" + ("" if ranked else ", and for R@1/MRR when no --gallery of other people was given") + ".*"]
     if smoke: notes.append("\n**Smoke run**: tiny random models and branches fine-tuned for a few steps — the face pixels are noise; "
                            "the numbers check the mechanics, not the method.")
     return '\n'.join(lines + notes) + '\n'

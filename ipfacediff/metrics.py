@@ -622,7 +622,11 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     gal_names = list(originals)
     gal = {r: [orig_emb[n][r].embedding for n in gal_names] for r in recs}
     if gallery is not None:
+        # an original that is also in the gallery (CelebV-HQ's 50 test videos are among its 35 000) would tie with
+        # itself and push every true match to rank 2: such copies are left out, each original is ranked once
+        orig_hashes, copies = {content_hash(p) for p in originals.values()}, 0
         for n, p in tqdm(list_media(gallery).items(), desc='gallery', disable=not progress):
+            if content_hash(p) in orig_hashes: copies += 1; continue
             with timer('gallery embeddings'):
                 try: fe = embed_media(p, embs, cache_dir, **kw)
                 except UserError as e:
@@ -630,6 +634,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                     warn(f"gallery item {n}: no face found, left out"); continue
             gal_names.append(f'gallery:{n}')
             for r in recs: gal[r].append(fe[r].embedding)
+        if copies: warn(f"{copies} gallery item(s) are byte-for-byte copies of originals and were left out (each original is in the gallery once)")
     gal = {r: np.stack(v) for r, v in gal.items()}
     if len(gal_names) == 1:
         warn("the gallery holds a single video, so R@1 and MRR are trivially 1: pass --gallery DIR (other people's videos) for a meaningful ranking")

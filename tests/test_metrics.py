@@ -255,6 +255,19 @@ def test_evaluate_self_is_perfect(work, people):
     assert 'CLIP direction' in (work / 'r_self' / 'table3.md').read_text()
 
 
+def test_gallery_copies_of_the_originals_are_left_out(work, people):
+    from PIL import Image
+    (work / 'self').mkdir(exist_ok=True); shutil.copy(work / 'orig' / 'clip.mp4', work / 'self' / 'clip.mp4')
+    g = work / 'gal_with_copies'; g.mkdir(exist_ok=True)
+    Image.fromarray(people['astronaut'][0]).save(g / 'astronaut.png')
+    shutil.copy(work / 'orig' / 'clip.mp4', g / 'celebv_0001.mp4')          # the test videos are also in the collection
+    shutil.copy(work / 'orig' / 'grace_hopper.png', g / 'celebv_0002.png')
+    res = M.evaluate(work / 'orig', work / 'self', work / 'r_copies', gallery=g, cache_dir=work / 'cache', progress=False)
+    assert res['gallery_size'] == 3                                            # clip, grace_hopper, astronaut: each once
+    assert res['methods']['self']['identity']['dlib']['r@1'] == 1.0             # a copy would tie and make it rank 2
+    assert any('copies of originals' in w for w in res['warnings'])
+
+
 def test_evaluate_bad_input(work):
     with pytest.warns(UserWarning) as rec:
         res = M.evaluate(work / 'orig', work / 'bad', work / 'r_bad', progress=False)
