@@ -440,14 +440,14 @@ class EmbedStats:
 
 def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None, max_frames: int | None = None,
                 size: int = 512, batch_size: int = 16, stats: EmbedStats | None = None, frames=None,
-                reference_boxes=None, progress: bool = False) -> dict:
-    "`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given."
+                reference_boxes=None, progress: bool = False, digest: str | None = None) -> dict:
+    "`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given (`digest`: its `content_hash`, if known)."
     settings = {'fps': fps, 'max_frames': max_frames, 'size': size,
                 'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
     out, keys = {}, {}
     if cache_dir is not None:
         cache_dir = Path(cache_dir); cache_dir.mkdir(parents=True, exist_ok=True)
-        digest = content_hash(path)
+        digest = digest or content_hash(path)
         for k in embedders:
             keys[k] = cache_dir / f'{_cache_key(digest, k, settings)}.npz'
             if keys[k].exists():
@@ -613,22 +613,24 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats)
     # originals: frames kept for the paired ones (warp error, per-frame comparisons, CLIP)
     needed = {n for items in methods.values() for n in items}
-    orig_frames, orig_emb = {}, {}
+    orig_frames, orig_emb, orig_hash = {}, {}, {}
     for n, p in tqdm(originals.items(), desc='originals', disable=not progress):
         fr = None
         if n in needed:
             with timer('read video'): fr = orig_frames[n] = load_media(p, fps=fps, max_frames=max_frames)
-        with timer('faces + embeddings'): orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, **kw)
+        orig_hash[n] = content_hash(p)
+        with timer('faces + embeddings'): orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, digest=orig_hash[n], **kw)
     gal_names = list(originals)
     gal = {r: [orig_emb[n][r].embedding for n in gal_names] for r in recs}
     if gallery is not None:
         # an original that is also in the gallery (CelebV-HQ's 50 test videos are among its 35 000) would tie with
         # itself and push every true match to rank 2: such copies are left out, each original is ranked once
-        orig_hashes, copies = {content_hash(p) for p in originals.values()}, 0
+        orig_hashes, copies = set(orig_hash.values()), 0
         for n, p in tqdm(list_media(gallery).items(), desc='gallery', disable=not progress):
-            if content_hash(p) in orig_hashes: copies += 1; continue
+            h = content_hash(p)                       # hashed once: also the embedding cache's key
+            if h in orig_hashes: copies += 1; continue
             with timer('gallery embeddings'):
-                try: fe = embed_media(p, embs, cache_dir, **kw)
+                try: fe = embed_media(p, embs, cache_dir, digest=h, **kw)
                 except UserError as e:
                     if 'no face' not in str(e): raise
                     warn(f"gallery item {n}: no face found, left out"); continue
