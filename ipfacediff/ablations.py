@@ -119,13 +119,13 @@ def frame_grid(rows: dict, path=None, n_frames: int = 6, title: str | None = Non
 # %% ../nbs/11_ablations.ipynb #8b278410
 @dataclass
 class AblationResult:
-    "What `run_ablations` made: the output folder, per-row records, evaluate's metrics (None if no row could be scored), the tables."
+    "What `run_ablations` made: the output folder, per-row records, evaluate's metrics, the tables."
     out: Path
     rows: dict                        # {name: record}, as in ablations.json
-    metrics: dict | None              # evaluate's metrics.json content
+    metrics: dict                     # evaluate's metrics.json content
     table: str                        # ablations.md
-    table1: str | None                # evaluate's table1.md
-    table3: str | None                # evaluate's table3.md
+    table1: str                       # evaluate's table1.md
+    table3: str                       # evaluate's table3.md
     grid: Path
     edits: dict = field(default_factory=dict, repr=False)   # {name: EditResult} (frames and crops in memory)
 
@@ -153,22 +153,6 @@ def _prepare_out(out: Path, overwrite: bool):
             raise UserError(f"{out} is not empty and holds no ablation study: refusing to replace it; choose another --out")
     parent = out.parent if str(out.parent) else Path('.')
     if not parent.is_dir(): raise UserError(f"the folder {parent} does not exist: create it first or choose another --out")
-
-# %% ../nbs/11_ablations.ipynb #cd3ebb0d
-def _evaluate_rows(video, dirs: list, out: Path, scratch: Path, **kw):
-    "evaluate() over all rows; if a row's edit has no face at all, find such rows one by one and evaluate the rest. → (res, {row: reason})"
-    from ipfacediff.metrics import evaluate
-    try: return evaluate(video, dirs, out, **kw), {}
-    except UserError as e:
-        if 'no face' not in str(e): raise
-    ok, failed = [], {}
-    scratch.mkdir(parents=True, exist_ok=True)
-    for i, d in enumerate(dirs):
-        try: evaluate(video, [d], scratch / f'probe{i}', **kw); ok.append(d)
-        except UserError as e:
-            if 'no face' not in str(e): raise
-            failed[Path(d).name] = str(e)
-    return (evaluate(video, ok, out, **kw) if ok else None), failed
 
 # %% ../nbs/11_ablations.ipynb #d3fab85f
 def _table(rows: dict, metrics: dict | None, rec: str, smoke: bool) -> str:
@@ -204,7 +188,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     `settings` are `EditConfig` fields (size, steps, inversion_steps, max_frames, fps, seed, ...). `pipeline_factory(eps1, eps2)`
     (None or a branch path each) builds a pipeline; default `IPFaceDiffPipeline.from_pretrained(model, eps1, eps2, ...)`."""
     from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig, default_cache_dir
-    from ipfacediff.metrics import StageTimer, atomic_dir, list_media, _parse_recognizers, VIDEO_EXTS
+    from ipfacediff.metrics import StageTimer, atomic_dir, list_media, _parse_recognizers, evaluate, VIDEO_EXTS
     # ---- everything that can be checked before any work ----
     video, out = Path(video), Path(out_dir)
     if not video.is_file(): raise UserError(f"input video {video} does not exist")
@@ -250,19 +234,12 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
         for n, r in edits.items():
             records[n]['crop_metrics'] = crop_metrics(r.crops, r.source_crops, embs[rec0], r.frames)
         # ---- evaluate, exactly as `ipfacediff evaluate --original VIDEO --edited OUT/<row> ...` ----
-        scratch = tmp / '.probe'
-        ev_kw = dict(gallery=gallery, recognizers=embs, fps=base_cfg.fps, max_frames=base_cfg.max_frames,
-                     cache_dir=cache_dir / 'embeddings', progress=progress)
-        res, failed = _evaluate_rows(video, [tmp / a.name for a in rows], tmp / 'metrics', scratch, **ev_kw)
-        shutil.rmtree(scratch, ignore_errors=True)
-        for n, why in failed.items():
-            records[n]['evaluate_error'] = why
-            warnings.warn(f"evaluate could not score {n}: {why}" + (' (expected on a smoke run: the face pixels are noise)' if smoke else ''))
-        t1 = t3 = None
-        if res is not None:
-            res = _replace_paths(res, str(tmp), str(out))
-            (tmp / 'metrics' / 'metrics.json').write_text(json.dumps(res, indent=2, ensure_ascii=False))
-            t1, t3 = (tmp / 'metrics' / 'table1.md').read_text(), (tmp / 'metrics' / 'table3.md').read_text()
+        res = evaluate(video, [tmp / a.name for a in rows], tmp / 'metrics', gallery=gallery, recognizers=embs, fps=base_cfg.fps,
+                       max_frames=base_cfg.max_frames, cache_dir=cache_dir / 'embeddings', progress=progress)
+        for n in records: records[n]['evaluate_no_face'] = not res['methods'][n]['videos'][name]['face_found']
+        res = _replace_paths(res, str(tmp), str(out))
+        (tmp / 'metrics' / 'metrics.json').write_text(json.dumps(res, indent=2, ensure_ascii=False))
+        t1, t3 = (tmp / 'metrics' / 'table1.md').read_text(), (tmp / 'metrics' / 'table3.md').read_text()
         table = _table(records, res, rec0, smoke)
         title = f'"{prompt}" — ' + ('SMOKE RUN: tiny random models, pixels are noise' if smoke else f'{model}, {base_cfg.size}², {base_cfg.steps} steps')
         labels = {'original': 'original', **{a.name: f"{a.name}\nε1 {a.eps1}, ε2 {a.eps2}\ninjection {'on' if a.injection else 'off'}" for a in rows}}
@@ -349,13 +326,12 @@ def _run_cli(a) -> AblationResult:
                             grid_frames=a.grid_frames, device=device, dtype=a.dtype or 'auto', cache_dir=a.cache_dir,
                             overwrite=a.overwrite, progress=not a.quiet, **s)
     print(res.table)
-    if res.table1: print(res.table1); print(res.table3)
-    bad = {n: r['evaluate_error'] for n, r in res.rows.items() if r.get('evaluate_error')}
-    if bad:
-        why = sorted(set(bad.values()))
-        print(f"evaluate could not score {', '.join(bad)}: {why[0] if len(why) == 1 else 'see ablations.json'}"
+    print(res.table1); print(res.table3)
+    lost = [n for n, r in res.rows.items() if r.get('evaluate_no_face')]
+    if lost:
+        print(f"no face found in the edits of {', '.join(lost)}: scored as misses in R@1/MRR, no distance"
               + (' (expected on a smoke run: the face pixels are noise)' if a.tiny else ''))
-    print(f'wrote {out}: {len(res.rows)} edits, ablations.md, ablations.json, grid.png' + (', metrics/' if res.metrics else ''))
+    print(f'wrote {out}: {len(res.rows)} edits, ablations.md, ablations.json, grid.png, metrics/')
     return res
 
 def add_cli(sub):

@@ -127,13 +127,19 @@ def rank_of_truth(queries, gallery, truth_index, metric: str = 'cosine', chunk: 
         ranks[i:i + chunk] = (s >= st - tol).sum(1)              # counts the original itself once: 1-based
     return ranks.numpy()
 
+def _ranks(ranks) -> np.ndarray:
+    "Ranks as float64; a miss (`None`: no face to rank) is rank ∞."
+    r = np.asarray([np.inf if x is None else x for x in np.atleast_1d(np.asarray(ranks, dtype=object))], dtype=np.float64)
+    if not len(r): raise UserError("no queries to score: R@1 and MRR need at least one edited video")
+    return r
+
 def recall_at_1(ranks) -> float:
-    "R@1 = number of correct top-1 queries / total queries."
-    r = np.asarray(ranks); return float((r == 1).mean())
+    "R@1 = number of correct top-1 queries / total queries (a `None` rank — no face — is a query that failed)."
+    return float((_ranks(ranks) == 1).mean())
 
 def mean_reciprocal_rank(ranks) -> float:
-    "MRR = (1/N) Σ_i 1/rank_i."
-    r = np.asarray(ranks, dtype=np.float64); return float((1 / r).mean())
+    "MRR = (1/N) Σ_i 1/rank_i (a `None` rank — no face — adds 1/∞ = 0)."
+    return float((1 / _ranks(ranks)).mean())
 
 def retrieval_metrics(queries, gallery, truth_index, metric: str = 'cosine') -> dict:
     "`{'r@1', 'mrr', 'ranks'}` of `rank_of_truth`."
@@ -541,6 +547,11 @@ def _tables(res: dict) -> tuple[str, str]:
     g = res['gallery_size']
     t1.append(f"\n*Video embedding = mean of frame embeddings (§5.3); retrieval among {g} gallery videos by "
               f"{res['settings']['rank_metric']} distance; ties rank pessimistically.*")
+    lost = {m: v['n_no_face'] for m, v in methods.items() if v.get('n_no_face')}
+    if lost:
+        t1.append(f"\n*No face found in any frame of {sum(lost.values())} edited video(s) ("
+                  + ', '.join(f'{m}: {k} of {methods[m]["n_videos"]}' for m, k in lost.items())
+                  + "): each counts as a miss in R@1 and MRR (rank ∞) and is left out of the distance means.*")
     r0 = recs[0]
     head = f'| Method | Identity ({r0} cos. dist.) ↓ | Warp error ({res["settings"]["flow"]}) ↓ | Warp error of the original | TL-ID ↑ | TG-ID ↑ |'
     has_clip = any(v.get('clip_direction') is not None for v in methods.values())
@@ -651,12 +662,17 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         for n, p in tqdm(items.items(), desc=f'{m}', disable=not progress):
             with timer('read video'): ef = load_media(p, fps=fps, max_frames=max_frames)
             of = orig_frames[n]
-            with timer('faces + embeddings'):
-                e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=orig_emb[n][recs[0]].boxes, **kw)
             o_emb = orig_emb[n]
+            with timer('faces + embeddings'):
+                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=o_emb[recs[0]].boxes, **kw)
+                except UserError as e:                 # the edit destroyed the face: scored as a failed edit, not a crash
+                    if 'no face' not in str(e): raise
+                    e_emb = {r: FaceEmbeddings(np.full((len(ef), o_emb[r].frames.shape[1]), np.nan), np.zeros(len(ef), bool),
+                                               np.full((len(ef), 4), np.nan)) for r in recs}
+            face = bool(e_emb[recs[0]].detected.any())
             nmin = min(len(ef), len(of))
             v = {'n_frames_original': len(of), 'n_frames_edited': len(ef), 'n_frames_compared': nmin,
-                 'size_original': list(of.shape[1:3]), 'size_edited': list(ef.shape[1:3])}
+                 'size_original': list(of.shape[1:3]), 'size_edited': list(ef.shape[1:3]), 'face_found': face}
             if len(ef) != len(of):
                 warn(f"{m}/{n}: the edit has {len(ef)} frames, the original {len(of)}: both truncated to the first {nmin} for per-frame comparisons")
             ot = {r: o_emb[r].truncate(nmin) for r in recs}; et = {r: e_emb[r].truncate(nmin) for r in recs}
@@ -664,27 +680,31 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             v['frames_without_face_original'] = int((~o_emb[recs[0]].detected).sum())
             v['frames_without_face_edited'] = int((~e_emb[recs[0]].detected).sum())
             both = d0 & d1
-            if v['frames_without_face_edited']:
+            if not face:
+                warn(f"{m}/{n}: no face found in any of the {len(ef)} edited frames: a miss in R@1/MRR (rank ∞), left out of the distances")
+            elif v['frames_without_face_edited']:
                 warn(f"{m}/{n}: no face found in {v['frames_without_face_edited']} of {len(ef)} edited frames; they are skipped")
             v['identity'], pf = {}, {}
             for r in recs:
                 fd = np.full(nmin, np.nan)
                 if both.any(): fd[both] = cosine_distance(et[r].frames[both], ot[r].frames[both])
                 pf[r] = fd
-                v['identity'][r] = {'cosine_distance': cosine_distance(e_emb[r].embedding, o_emb[r].embedding),
+                v['identity'][r] = {'cosine_distance': cosine_distance(e_emb[r].embedding, o_emb[r].embedding) if face else None,
                                     'mean_frame_cosine_distance': _nanmean(fd),
-                                    'query': e_emb[r].embedding}
+                                    'query': e_emb[r].embedding if face else None}
             per_frame[(m, n)] = pf
             with timer('warp error'):
-                we, wpf = warp_error(ef, flow, occlusion_mask, return_per_frame=True)
-                if n not in warp_orig_cache: warp_orig_cache[n] = warp_error(of, flow, occlusion_mask, return_per_frame=True)
+                def _we(x):                             # a still has no consecutive pair: no warp error
+                    return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
+                we, wpf = _we(ef)
+                if n not in warp_orig_cache: warp_orig_cache[n] = _we(of)
                 wo, wopf = warp_orig_cache[n]
             v['warp_error'], v['warp_error_original'] = we, wo
             r0 = recs[0]
             try: v['tl_id'], v['tg_id'] = tl_id(e_emb[r0].frames, o_emb[r0].frames), tg_id(e_emb[r0].frames, o_emb[r0].frames)
             except UserError: v['tl_id'] = v['tg_id'] = None
             v['clip_direction'] = None
-            if clip is not None:
+            if clip is not None and face:
                 with timer('clip direction'):
                     crops_o, det_o, b_o = face_crops(of[:nmin]); crops_e, det_e, _ = face_crops(ef[:nmin], reference_boxes=b_o)
                     ie, io_ = np.cumsum(det_e) - 1, np.cumsum(det_o) - 1
@@ -703,13 +723,18 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             names = list(videos)
             ident = {}
             for r in recs:
-                q = np.stack([videos[n]['identity'][r].pop('query') for n in names])
-                ranks = rank_of_truth(q, gal[r], [gal_names.index(n) for n in names], metric=rank_metric)
-                for n, rk in zip(names, ranks): videos[n]['identity'][r]['rank'] = int(rk)
+                ranks = dict.fromkeys(names)                       # None: no face in the edit, a miss
+                ranked = [n for n in names if videos[n]['identity'][r]['query'] is not None]
+                if ranked:
+                    q = np.stack([videos[n]['identity'][r]['query'] for n in ranked])
+                    for n, rk in zip(ranked, rank_of_truth(q, gal[r], [gal_names.index(n) for n in ranked], metric=rank_metric)):
+                        ranks[n] = int(rk)
+                for n in names: del videos[n]['identity'][r]['query']; videos[n]['identity'][r]['rank'] = ranks[n]
+                ranks = list(ranks.values())
                 ident[r] = {'cosine_distance': _nanmean([videos[n]['identity'][r]['cosine_distance'] for n in names]),
                             'mean_frame_cosine_distance': _nanmean([videos[n]['identity'][r]['mean_frame_cosine_distance'] for n in names]),
                             'r@1': recall_at_1(ranks), 'mrr': mean_reciprocal_rank(ranks)}
-        res['methods'][m] = {'n_videos': len(names), 'identity': ident,
+        res['methods'][m] = {'n_videos': len(names), 'n_no_face': sum(not videos[n]['face_found'] for n in names), 'identity': ident,
                              'warp_error': _nanmean([videos[n]['warp_error'] for n in names]),
                              'warp_error_original': _nanmean([videos[n]['warp_error_original'] for n in names]),
                              'tl_id': _nanmean([videos[n]['tl_id'] for n in names]), 'tg_id': _nanmean([videos[n]['tg_id'] for n in names]),

@@ -49,6 +49,9 @@ def test_rank_of_truth_matches_sorting_and_ties_are_pessimistic():
     assert M.rank_of_truth(G[:1], G2, [200], metric='euclidean').tolist() == [2]
     r = [1, 1, 2, 5]
     assert M.recall_at_1(r) == 0.5 and abs(M.mean_reciprocal_rank(r) - (1 + 1 + .5 + .2) / 4) < 1e-12
+    # a query with no face (None) is a miss that stays in the denominator
+    assert M.recall_at_1(r + [None]) == 0.4 and abs(M.mean_reciprocal_rank(r + [None]) - (1 + 1 + .5 + .2) / 5) < 1e-12
+    with pytest.raises(UserError, match='at least one'): M.mean_reciprocal_rank([])
     with pytest.raises(UserError, match='cosine'): M.rank_of_truth(Q, G, t, metric='l1')
 
 
@@ -267,6 +270,24 @@ def test_gallery_copies_of_the_originals_are_left_out(work, people):
     assert res['gallery_size'] == 3                                            # clip, grace_hopper, astronaut: each once
     assert res['methods']['self']['identity']['dlib']['r@1'] == 1.0             # a copy would tie and make it rank 2
     assert any('copies of originals' in w for w in res['warnings'])
+
+
+def test_an_edit_without_any_face_is_a_miss_not_a_crash(work, frames):
+    d = work / 'destroyed'; d.mkdir(exist_ok=True)
+    write_video(d / 'clip.mp4', np.full_like(frames[:10], 128), 10, progress=False)     # the edit wiped the face out
+    shutil.copy(work / 'orig' / 'grace_hopper.png', d / 'grace_hopper.png')            # this one kept it
+    with pytest.warns(UserWarning, match='no face found in any of the 10 edited frames'):
+        res = M.evaluate(work / 'orig', d, work / 'r_destroyed', progress=False)
+    m = res['methods']['destroyed']
+    assert m['n_no_face'] == 1 and m['n_videos'] == 2
+    clip, grace = m['videos']['clip'], m['videos']['grace_hopper']
+    assert clip['face_found'] is False and clip['identity']['dlib']['rank'] is None and clip['identity']['dlib']['cosine_distance'] is None
+    assert grace['identity']['dlib']['rank'] == 1
+    assert m['identity']['dlib']['r@1'] == 0.5 and m['identity']['dlib']['mrr'] == 0.5       # 2 queries, 1 hit, 1 miss
+    assert m['identity']['dlib']['cosine_distance'] == pytest.approx(grace['identity']['dlib']['cosine_distance'])
+    assert clip['tl_id'] is None and clip['warp_error'] is not None and grace['warp_error'] is None   # a still has no frame pairs
+    t1 = (work / 'r_destroyed' / 'table1.md').read_text()
+    assert 'destroyed: 1 of 2' in t1 and 'counts as a miss' in t1
 
 
 def test_evaluate_bad_input(work):
