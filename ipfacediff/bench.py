@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 import numpy as np, torch
 from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype
-from .models import SDComponents, tiny_components, tiny_tokenizer, make_scheduler
+from .models import SDComponents, move, tiny_components, tiny_tokenizer, make_scheduler
 from .metrics import StageTimer
 from .pipeline import IPFaceDiffPipeline, EditConfig, unet_budget, AdapterRows
 
@@ -55,7 +55,7 @@ def sd21_components(device='meta', dtype=torch.float32, seed: int = 0) -> SDComp
                                             pad_token_id=tok.pad_token_id))
     if str(device) != 'meta':
         for i, m in enumerate((unet, vae, text)):
-            m.to_empty(device=device); _random_fill_(m, seed + i); m.to(dtype)
+            m.to_empty(device=device); _random_fill_(m, seed + i); move(m, dtype=dtype)
     return SDComponents(unet, vae, text, tok, make_scheduler(), source='sd21-random').eval()
 
 def build_components(config: str, device='cpu', dtype=torch.float32, seed: int = 0) -> SDComponents:
@@ -209,7 +209,7 @@ def random_adapter_pair(unet, rank: int = 16, seed: int = 0):
     lc = lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=['to_q', 'to_k', 'to_v', 'to_out.0'], init_lora_weights=False)
     dev, dt = unet.device, unet.dtype
     pm = get_peft_model(unet, lc(), adapter_name='eps1'); pm.add_adapter('eps2', lc())
-    return pm.base_model.model.to(dev, dt).eval().requires_grad_(False)
+    return move(pm.base_model.model, dev, dt).eval().requires_grad_(False)
 
 def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', channels_last=None, compile=False, seed=0) -> IPFaceDiffPipeline:
     "A pipeline of random `config` networks for benchmarking (see `bench`)."

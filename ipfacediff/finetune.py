@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .utils import UserError, resolve_device
-from .models import (DEFAULT_MODEL, SDComponents, encode_prompt, load_branch, load_components,
+from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
 from .losses import DEFAULT_CLIP, NADA_TEMPLATES, directional_clip_loss, identity_loss, load_clip, text_direction, tiny_clip
@@ -198,8 +198,8 @@ class Finetuner:
         comps = comps if comps is not None else (tiny_components(cfg.seed) if cfg.tiny else load_components(cfg.model, device='cpu', dtype=torch.float32))
         self.comps = comps
         wdt = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-        for m in (comps.vae, comps.text_encoder): m.to(dev, wdt).eval().requires_grad_(False)
-        unet = comps.unet.to(dev, torch.float32)
+        for m in (comps.vae, comps.text_encoder): move(m, dev, wdt).eval().requires_grad_(False)
+        unet = move(comps.unet, dev, torch.float32)
         if cfg.lora:   # adapters injected into the UNet itself (a PeftModel wrapper costs ~5× per tiny forward)
             unet.requires_grad_(False).add_adapter(_lora_config(cfg))
             for n, p in unet.named_parameters(): p.requires_grad_('lora_' in n)

@@ -13,9 +13,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .utils import UserError, data_path, resolve_device, resolve_dtype
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'SDComponents', 'tiny_tokenizer', 'tiny_components',
-           'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components', 'save_components',
-           'load_branch']
+__all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
+           'tiny_components', 'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components',
+           'save_components', 'load_branch']
 
 # %% ../nbs/01_models.ipynb #7195f596
 DEFAULT_MODEL = 'stabilityai/stable-diffusion-2-1-base'
@@ -29,6 +29,14 @@ def make_scheduler(**overrides) -> DDIMScheduler:
     return DDIMScheduler(**{**SD21_SCHEDULER_CONFIG, **overrides})
 
 # %% ../nbs/01_models.ipynb #3b97f24e
+def move(module, device=None, dtype=None):
+    "`module.to(device, dtype)` in place, returning `module`; diffusers models without float32-kept modules are cast silently (see above)."
+    kw = {k: v for k, v in (('device', device), ('dtype', dtype)) if v is not None}
+    if dtype is not None and not getattr(module, '_keep_in_fp32_modules', None) and not getattr(module, 'is_quantized', False):
+        return torch.nn.Module.to(module, **kw)
+    return module.to(**kw)
+
+# %% ../nbs/01_models.ipynb #a6714471
 @dataclass
 class SDComponents:
     "Stable Diffusion's parts. `unet` is ε(z_t, t, c); `vae` maps 512² images to 4×64×64 latents."
@@ -48,7 +56,7 @@ class SDComponents:
 
     def to(self, device=None, dtype=None) -> 'SDComponents':
         "Move the three networks (in place) and return `self`."
-        for m in (self.unet, self.vae, self.text_encoder): m.to(device=device, dtype=dtype)
+        for m in (self.unet, self.vae, self.text_encoder): move(m, device, dtype)
         return self
 
     def eval(self) -> 'SDComponents':
@@ -158,7 +166,7 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
         from peft import PeftModel
         try: m = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
         except Exception as e: raise UserError(f"{name} {p} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-        return m.merge_and_unload().to(dev, dt).eval().requires_grad_(False)
+        return move(m.merge_and_unload(), dev, dt).eval().requires_grad_(False)
     sub = 'unet' if (p / 'unet').is_dir() else None
     if p.exists() and not p.is_dir(): raise UserError(f"{name} {p} is a file: pass a UNet folder, a LoRA adapter folder or a hub id")
     if not p.exists() and str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")

@@ -12,7 +12,7 @@ import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import UserError, atomic_output, resolve_device, resolve_dtype
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
-from .models import (SDComponents, DEFAULT_MODEL, load_components, load_branch, tiny_components,
+from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
@@ -464,7 +464,7 @@ def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module
         except Exception as e: raise UserError(f"{what} {spec} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         names.append(name)
     if m is None: raise UserError('neither branch is a LoRA adapter')
-    unet = m.base_model.model.to(dev, dt).eval().requires_grad_(False)
+    unet = move(m.base_model.model, dev, dt).eval().requires_grad_(False)
     return unet, AdapterRows(unet, *names)
 
 # %% ../nbs/09_pipeline.ipynb #f9b25ad8
