@@ -211,19 +211,20 @@ def random_adapter_pair(unet, rank: int = 16, seed: int = 0):
     pm = get_peft_model(unet, lc(), adapter_name='eps1'); pm.add_adapter('eps2', lc())
     return move(pm.base_model.model, dev, dt).eval().requires_grad_(False)
 
-def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', channels_last=None, compile=False, seed=0) -> IPFaceDiffPipeline:
+def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', channels_last=None, compile=False, seed=0,
+                  progress: bool = False) -> IPFaceDiffPipeline:
     "A pipeline of random `config` networks for benchmarking (see `bench`)."
     dev = resolve_device(device)
     dt = resolve_dtype(dtype or 'auto', dev)
     comps = build_components(config, dev, dt, seed)
-    if branches == 'shared': pipe = IPFaceDiffPipeline(comps, progress=False)
+    if branches == 'shared': pipe = IPFaceDiffPipeline(comps, progress=progress)
     elif branches == 'adapters':
         unet = random_adapter_pair(comps.unet, seed=seed)
-        pipe = IPFaceDiffPipeline(comps, unet, unet, progress=False); pipe.adapters = AdapterRows(unet, 'eps1', 'eps2')
+        pipe = IPFaceDiffPipeline(comps, unet, unet, progress=progress); pipe.adapters = AdapterRows(unet, 'eps1', 'eps2')
     elif branches == 'separate':
         e2 = copy.deepcopy(comps.unet)
         if config == 'sd21': _random_fill_(e2, seed + 7)
-        pipe = IPFaceDiffPipeline(comps, comps.unet, e2, progress=False)
+        pipe = IPFaceDiffPipeline(comps, comps.unet, e2, progress=progress)
     else: raise UserError(f"unknown --branches {branches!r}: use shared, adapters or separate")
     pipe.smoke = True
     if channels_last is None: channels_last = dev.type == 'cuda'
@@ -236,7 +237,8 @@ def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', ch
 def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: str = 'cpu', dtype: str | None = None,
           steps: int | None = None, inversion_steps: int | None = None, repeat: int = 1, branches: str = 'shared',
           keyframe_window: int | None = 8, channels_last: bool | None = None, compile: bool | str = False,
-          warmup: bool = True, write: bool = True, threads: int | None = None, seed: int = 0, log=print) -> dict:
+          warmup: bool = True, write: bool = True, threads: int | None = None, seed: int = 0, log=print,
+          progress: bool = False) -> dict:
     "Benchmark the edit pipeline (see above); returns the report that `--json` writes."
     frames = [int(n) for n in (frames if isinstance(frames, (list, tuple)) else [frames])]
     if any(n < 1 for n in frames): raise UserError(f"--frames must be at least 1, got {min(frames)}")
@@ -248,7 +250,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
     cfg = EditConfig('add sunglasses and a beard', size=size or d['size'], steps=steps or d['steps'],
                      inversion_steps=inversion_steps or (steps if steps else d['inversion_steps']), seed=seed,
                      keyframe_window=keyframe_window).validate()
-    pipe = make_pipeline(config, dev, dtype, branches, channels_last, compile, seed)
+    pipe = make_pipeline(config, dev, dtype, branches, channels_last, compile, seed, progress)
     peak = measured_peak(dev, pipe.c.dtype)
     meta = sd21_components('meta') if config == 'sd21' else build_components('tiny', 'cpu')
     flops = count_flops(meta, cfg.size)
@@ -328,7 +330,7 @@ def run_bench(a) -> dict:
     kw = 0 if a.keyframe_window == 0 else a.keyframe_window
     rep = bench(a.config, a.frames, a.size, a.device, a.dtype, a.steps, a.inversion_steps, a.repeat, a.branches,
                 None if kw == 0 else kw, a.channels_last, (a.compile_backend or True) if a.compile else False,
-                not a.no_warmup, not a.no_write, a.threads, a.seed)
+                not a.no_warmup, not a.no_write, a.threads, a.seed, progress=not a.quiet)
     if a.json:
         with atomic_output(a.json, overwrite=a.overwrite) as tmp: Path(tmp).write_text(json.dumps(rep, indent=1, default=str))
         print(f'wrote {a.json}')
@@ -354,4 +356,5 @@ def add_cli(sub):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--no-warmup', action='store_true'); p.add_argument('--no-write', action='store_true', help='skip the mp4 write stage')
     p.add_argument('--json', help='write the full report here'); p.add_argument('--overwrite', action='store_true')
+    p.add_argument('--quiet', action='store_true', help='no progress bars (the per-stage bars of each edit, on stderr)')
     p.set_defaults(func=run_bench)
