@@ -55,7 +55,7 @@ bench)                                                   # device call 2 and lat
     export PYTHONPATH="$SITE:$SITE/models:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     out=${OUT:-.}
     "$PYTHON" -c 'import sys; from ipfacediff.cli import main; sys.exit(main())' \
-        bench --config sd21 --device "${DEVICE:-cuda}" --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
+        bench --config sd21 --device "${DEVICE:-cuda}" --quiet --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     ;;
 *)
     sed -n '2,14p' "$0"; exit 2 ;;
