@@ -258,7 +258,15 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
         f'{cfg.size}² crops, {cfg.inversion_steps} inversion + {cfg.steps} editing steps; UNet {flops["unet"] / 1e12:.4g} TFLOP/eval; '
         f'measured peak {peak:.4g} TFLOP/s')
     clip, fps = sample_frames(max(frames))
-    if warmup: pipe.edit(clip[:8], replace_cfg(cfg, steps=1, inversion_steps=1), fps=fps)
+    def graphs() -> int:                  # graphs torch.compile has made so far in this process
+        if not compile: return 0
+        import torch._dynamo.utils
+        return torch._dynamo.utils.counters['stats']['unique_graphs']
+    if warmup and compile:
+        w = min(3, cfg.steps)
+        for n in sorted(set(frames)): pipe.edit(clip[:n], replace_cfg(cfg, steps=w, inversion_steps=w), fps=fps)
+    elif warmup: pipe.edit(clip[:8], replace_cfg(cfg, steps=1, inversion_steps=1), fps=fps)
+    g0 = graphs()
     runs = []
     for rep in range(repeat):
         for n in frames:
@@ -285,9 +293,11 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
               'peak_tflops_nominal': nominal_peak(dev), 'commit': _git_commit(), 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
               'torch': torch.__version__, 'load_avg': os.getloadavg(), 'cpus': os.cpu_count(), 'detection_threads': cpu_workers(),
               'floor_ratio_definition': 'seconds / (FLOPs / measured peak): 1.0 = running at the measured matmul peak',
+              'compile_graphs': {'after_warmup': g0, 'during_runs': graphs() - g0} if compile else None,
               'runs': runs, 'summary': summary,
               'scaling': _scaling(runs, int(lo), int(hi), summary)}
     sc = report['scaling']
+    if compile: log(f"  torch.compile: {g0} graphs after the warm-up, {report['compile_graphs']['during_runs']} more during the timed runs")
     log(f"  median s/frame: " + ', '.join(f"{k} frames {v['s_per_frame_median']:.3f} (CPU time {v['cpu_s_per_frame_median']:.3f})" for k, v in summary.items())
         + (f"; ratio {hi}/{lo}: wall {sc['s_per_frame_ratio']:.3f}, median of adjacent pairs {sc['pair_ratio_median']:.3f}, "
            f"CPU time {sc['cpu_pair_ratio_median']:.3f}" if hi != lo else ''))
