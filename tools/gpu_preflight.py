@@ -2,6 +2,7 @@
 
     python tools/gpu_preflight.py activations   # ~1.5 min, ~7 GB, one core
     python tools/gpu_preflight.py inductor      # ~4 min, one core (C++ code generation)
+    python tools/gpu_preflight.py recompiles    # ~5 min, one core
 
 `activations`: the largest |activation| of every module of the random SD 2.1 networks that `ipfacediff bench
 --config sd21` uses, in float32 at 512² (one text encoding, VAE encode, UNet forward, VAE decode). float16
@@ -10,6 +11,9 @@ overflows above 65504, so this says whether the GPU run's float16 copy of the sa
 `inductor`: the tiny pipeline's editing loop with `optimize(channels_last=True, compile=True)` — torch.compile's
 default inductor backend, which the `--compile` benchmark uses — against eager: same latents, how many blocks
 compiled, graph breaks, compile time (the first run) and the compiled run's time.
+
+`recompiles`: a compiled tiny pipeline (inductor), warmed up as `bench` once did (a 1-step edit of 8 frames) and as it
+does now (a 3-step edit of the timed frame count), then two timed 40-frame edits: graphs compiled inside each timed run.
 """
 import sys, time
 import torch
@@ -58,8 +62,25 @@ def inductor():
         print(f'inductor run {i}: {time.time() - t0:.1f} s, {len(fast.compiled)} compiled blocks, max |Δ| vs eager {(z - ref).abs().max():.2e}')
     print('dynamo:', dict(du.counters['stats']), 'graph breaks:', dict(du.counters['graph_break']) or 'none')
 
+def recompiles(frames: int = 40):
+    import torch._dynamo, torch._dynamo.utils as du
+    from ipfacediff.bench import make_pipeline, sample_frames, replace_cfg
+    from ipfacediff.pipeline import EditConfig
+    cfg = EditConfig('add sunglasses and a beard', size=128, steps=3, inversion_steps=3, keyframe_window=8).validate()
+    clip, fps = sample_frames(frames)
+    graphs = lambda: du.counters['stats']['unique_graphs']
+    for name, n, steps in (('1-step edit of 8 frames', 8, 1), (f'3-step edit of {frames} frames', frames, 3)):
+        torch._dynamo.reset()
+        pipe = make_pipeline('tiny', 'cpu', None, 'shared', True, True, 0)
+        t0, g0 = time.time(), graphs()
+        pipe.edit(clip[:n], replace_cfg(cfg, steps=steps, inversion_steps=steps), fps=fps)
+        print(f'warm-up, {name}: {time.time() - t0:.1f} s, {graphs() - g0} graphs')
+        for i in range(2):
+            t0, g0 = time.time(), graphs(); pipe.edit(clip[:frames], cfg, fps=fps)
+            print(f'  timed {frames}-frame edit {i}: {time.time() - t0:.1f} s, {graphs() - g0} graphs compiled inside it')
+
 if __name__ == '__main__':
     torch.set_num_threads(1)
     what = sys.argv[1] if len(sys.argv) > 1 else ''
-    if what not in ('activations', 'inductor'): sys.exit(__doc__)
-    activations() if what == 'activations' else inductor()
+    if what not in ('activations', 'inductor', 'recompiles'): sys.exit(__doc__)
+    {'activations': activations, 'inductor': inductor, 'recompiles': recompiles}[what]()
