@@ -551,7 +551,8 @@ def _tables(res: dict) -> tuple[str, str]:
     if lost:
         t1.append(f"\n*No face found in any frame of {sum(lost.values())} edited video(s) ("
                   + ', '.join(f'{m}: {k} of {methods[m]["n_videos"]}' for m, k in lost.items())
-                  + "): each counts as a miss in R@1 and MRR (rank ∞) and is left out of the distance means.*")
+                  + "): each counts as a miss in R@1 and MRR (rank ∞) and is left out of the distance means — "
+                  "read those means together with R@1 and this count.*")
     r0 = recs[0]
     head = f'| Method | Identity ({r0} cos. dist.) ↓ | Warp error ({res["settings"]["flow"]}) ↓ | Warp error of the original | TL-ID ↑ | TG-ID ↑ |'
     has_clip = any(v.get('clip_direction') is not None for v in methods.values())
@@ -704,7 +705,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             try: v['tl_id'], v['tg_id'] = tl_id(e_emb[r0].frames, o_emb[r0].frames), tg_id(e_emb[r0].frames, o_emb[r0].frames)
             except UserError: v['tl_id'] = v['tg_id'] = None
             v['clip_direction'] = None
-            if clip is not None and face:
+            if clip is not None and both.any():           # frames where the original and the edit both show a face
                 with timer('clip direction'):
                     crops_o, det_o, b_o = face_crops(of[:nmin]); crops_e, det_e, _ = face_crops(ef[:nmin], reference_boxes=b_o)
                     ie, io_ = np.cumsum(det_e) - 1, np.cumsum(det_o) - 1

@@ -52,6 +52,10 @@ def test_tiny_study_end_to_end(study):
         v = metrics['methods'][n]['videos']['sample']
         assert row['evaluate_no_face'] is (not v['face_found']), n
         assert v['face_found'] or v['identity']['dlib']['rank'] is None, n
+    lost = [n for n, row in j['rows'].items() if row['evaluate_no_face']]
+    if lost:                                         # one summary line, not one warning per row
+        assert f"no face found in the edits of {', '.join(lost)}" in r.stdout
+        assert 'edited frames: a miss' not in r.stderr
     # the fine-tuned branches were made on the spot and kept, and the recorded commands point at them
     assert (out / 'tiny' / 'eps1' / 'adapter_config.json').exists() and (out / 'tiny' / 'eps2' / 'adapter_config.json').exists()
     assert f"--edit-model {out / 'tiny' / 'eps2'}" in j['rows']['full']['command']

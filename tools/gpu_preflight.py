@@ -2,7 +2,7 @@
 
     python tools/gpu_preflight.py activations   # ~1.5 min, ~7 GB, one core
     python tools/gpu_preflight.py inductor      # ~4 min, one core (C++ code generation)
-    python tools/gpu_preflight.py recompiles    # ~5 min, one core
+    python tools/gpu_preflight.py recompiles    # ~6 min, one core
 
 `activations`: the largest |activation| of every module of the random SD 2.1 networks that `ipfacediff bench
 --config sd21` uses, in float32 at 512² (one text encoding, VAE encode, UNet forward, VAE decode). float16
@@ -13,7 +13,8 @@ default inductor backend, which the `--compile` benchmark uses — against eager
 compiled, graph breaks, compile time (the first run) and the compiled run's time.
 
 `recompiles`: a compiled tiny pipeline (inductor), warmed up as `bench` once did (a 1-step edit of 8 frames) and as it
-does now (a 3-step edit of the timed frame count), then two timed 40-frame edits: graphs compiled inside each timed run.
+does now (a `warmup_steps(cfg)`-step edit of the timed frame count: 7 of the 10 steps), then two timed 10-step 40-frame
+edits: graphs compiled inside each timed run.
 """
 import sys, time
 import torch
@@ -64,12 +65,13 @@ def inductor():
 
 def recompiles(frames: int = 40):
     import torch._dynamo, torch._dynamo.utils as du
-    from ipfacediff.bench import make_pipeline, sample_frames, replace_cfg
+    from ipfacediff.bench import make_pipeline, sample_frames, replace_cfg, warmup_steps
     from ipfacediff.pipeline import EditConfig
-    cfg = EditConfig('add sunglasses and a beard', size=128, steps=3, inversion_steps=3, keyframe_window=8).validate()
+    cfg = EditConfig('add sunglasses and a beard', size=128, steps=10, inversion_steps=10, keyframe_window=8).validate()
     clip, fps = sample_frames(frames)
     graphs = lambda: du.counters['stats']['unique_graphs']
-    for name, n, steps in (('1-step edit of 8 frames', 8, 1), (f'3-step edit of {frames} frames', frames, 3)):
+    w = warmup_steps(cfg)
+    for name, n, steps in (('1-step edit of 8 frames', 8, 1), (f'{w}-step edit of {frames} frames', frames, w)):
         torch._dynamo.reset()
         pipe = make_pipeline('tiny', 'cpu', None, 'shared', True, True, 0)
         t0, g0 = time.time(), graphs()
@@ -77,7 +79,7 @@ def recompiles(frames: int = 40):
         print(f'warm-up, {name}: {time.time() - t0:.1f} s, {graphs() - g0} graphs')
         for i in range(2):
             t0, g0 = time.time(), graphs(); pipe.edit(clip[:frames], cfg, fps=fps)
-            print(f'  timed {frames}-frame edit {i}: {time.time() - t0:.1f} s, {graphs() - g0} graphs compiled inside it')
+            print(f'  timed {cfg.steps}-step {frames}-frame edit {i}: {time.time() - t0:.1f} s, {graphs() - g0} graphs compiled inside it')
 
 if __name__ == '__main__':
     torch.set_num_threads(1)
