@@ -129,7 +129,7 @@ def rank_of_truth(queries, gallery, truth_index, metric: str = 'cosine', chunk: 
 
 def _ranks(ranks) -> np.ndarray:
     "Ranks as float64; a miss (`None`: no face to rank) is rank ∞."
-    r = np.asarray([np.inf if x is None else x for x in np.atleast_1d(np.asarray(ranks, dtype=object))], dtype=np.float64)
+    r = np.array([np.inf if x is None else x for x in ranks], dtype=np.float64)
     if not len(r): raise UserError("no queries to score: R@1 and MRR need at least one edited video")
     return r
 
@@ -658,6 +658,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
            'recognizers': recs, 'gallery_size': len(gal_names), 'methods': {}, 'warnings': log}
     per_frame, csv_rows = {}, {}
     warp_orig_cache = {}
+    def _we(x):                                         # a still has no consecutive pair: no warp error
+        return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
     for m, items in methods.items():
         videos = {}
         for n, p in tqdm(items.items(), desc=f'{m}', disable=not progress):
@@ -695,8 +697,6 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                                     'query': e_emb[r].embedding if face else None}
             per_frame[(m, n)] = pf
             with timer('warp error'):
-                def _we(x):                             # a still has no consecutive pair: no warp error
-                    return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
                 we, wpf = _we(ef)
                 if n not in warp_orig_cache: warp_orig_cache[n] = _we(of)
                 wo, wopf = warp_orig_cache[n]
