@@ -458,19 +458,30 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
             keys[k] = cache_dir / f'{_cache_key(digest, k, settings)}.npz'
             if keys[k].exists():
                 try:
-                    with np.load(keys[k]) as z: out[k] = FaceEmbeddings(z['frames'], z['detected'].astype(bool), z['boxes'])
-                except Exception: pass                          # unreadable cache file: recompute it
+                    with np.load(keys[k]) as z:
+                        out[k] = FaceEmbeddings(z['frames'], z['detected'].astype(bool), z['boxes'])
+                        no_face = str(z['no_face']) if 'no_face' in z else ''
+                except Exception: continue                      # unreadable cache file: recompute it
+                if no_face:                                     # a cached "no face found": not searched again
+                    if stats is not None: stats.cached += 1
+                    raise UserError(f"{Path(path).name}: {no_face}")
     todo = {k: e for k, e in embedders.items() if k not in out}
     if stats is not None: stats.cached += len(out); stats.computed += len(todo)
+    def save(k, fe, no_face=''):
+        fd, tmp = tempfile.mkstemp(suffix='.npz', dir=keys[k].parent); os.close(fd)
+        np.savez(tmp, frames=fe.frames, detected=fe.detected, boxes=fe.boxes, no_face=np.array(no_face)); os.replace(tmp, keys[k])
     if todo:
         if frames is None: frames = load_media(path, fps=fps, max_frames=max_frames)
         try: new = embed_frames(frames, todo, size=size, batch_size=batch_size, reference_boxes=reference_boxes, progress=progress)
-        except UserError as e: raise UserError(f"{Path(path).name}: {e}") from None
+        except UserError as e:
+            if str(e).startswith('no face found'):              # remembered, so a re-run skips the detection
+                n = len(frames)
+                for k in todo.keys() & keys.keys():
+                    save(k, FaceEmbeddings(np.zeros((n, 0)), np.zeros(n, bool), np.full((n, 4), np.nan)), str(e))
+            raise UserError(f"{Path(path).name}: {e}") from None
         for k, fe in new.items():
             out[k] = fe
-            if k in keys:
-                fd, tmp = tempfile.mkstemp(suffix='.npz', dir=keys[k].parent); os.close(fd)
-                np.savez(tmp, frames=fe.frames, detected=fe.detected, boxes=fe.boxes); os.replace(tmp, keys[k])
+            if k in keys: save(k, fe)
     return {k: out[k] for k in embedders}
 
 # %% ../nbs/10_metrics.ipynb #f75f6b99
