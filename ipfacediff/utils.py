@@ -93,7 +93,10 @@ def resolve_device(device: str | torch.device | None = 'auto') -> torch.device:
     "`'auto'` picks CUDA when present, else CPU; asking for CUDA on a machine without it is a `UserError`."
     if device is None or str(device) == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    dev = torch.device(device)
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError): raise UserError(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise UserError(f"device {str(device)!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f"device {device} was asked for but no CUDA GPU is visible: use --device cpu")
     return dev
