@@ -199,6 +199,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     if not video.is_file(): raise UserError(f"input video {video} does not exist")
     if video.suffix.lower() not in VIDEO_EXTS: raise UserError(f"{video} is not a video file ({', '.join(VIDEO_EXTS)})")
     if 'identity_injection' in settings: raise UserError("identity injection is set per configuration: use configs=")
+    if grid_frames < 1: raise UserError(f"--grid-frames must be at least 1, got {grid_frames}")
     base_cfg = EditConfig(prompt, **settings).validate()
     rows = select_ablations(configs)
     specs = {a.name: a.specs(identity_model, edit_model) for a in rows}

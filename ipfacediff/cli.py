@@ -26,12 +26,30 @@ def _available(module: str) -> bool:
     try: return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError: return False
 
+class _HelpFormatter(argparse.HelpFormatter):
+    "Shows an option's default after its help, unless the help already gives it or there is none to show."
+    def _get_help_string(self, action):
+        h = action.help or ''
+        d = action.default
+        if (not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or 'default' in h
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))): return h
+        return f'{h} (default: %(default)s)' if h else '(default: %(default)s)'
+
+class _CommandParser(argparse.ArgumentParser):
+    "The parser of every command: defaults shown in --help."
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kw): super().__init__(*args, formatter_class=formatter_class, **kw)
+    def add_argument(self, *args, **kw):
+        act = super().add_argument(*args, **kw)
+        if act.help is None and act.option_strings and not any(act.default is x for x in (None, False, argparse.SUPPRESS)):
+            act.help = '(default: %(default)s)'         # argparse prints nothing for an option without help
+        return act
+
 def build_parser(argv=(), commands=COMMANDS) -> argparse.ArgumentParser:
     "The top-level parser; the command named in `argv` gets its module's real parser, the others a stub for the overview."
     p = argparse.ArgumentParser(prog='ipfacediff',
         description='Identity-preserving facial video editing with diffusion (IP-FaceDiff).')
     p.add_argument('--version', action='version', version=f'ipfacediff {__version__}')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_CommandParser)
     wanted = next((a for a in argv if not a.startswith('-')), None)
     for name, (module, help) in commands.items():
         if not _available(module): continue  # not part of this build

@@ -4,13 +4,13 @@
 
 # %% ../nbs/09_pipeline.ipynb #c077b5e1
 from __future__ import annotations
-import copy, hashlib, json, os, time, warnings
+import contextlib, copy, hashlib, json, os, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_output, resolve_device, resolve_dtype
+from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
@@ -21,10 +21,11 @@ from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, 
 from .metrics import StageTimer, content_hash
 
 # %% auto #0
-__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'EditConfig', 'unet_budget', 'default_cache_dir',
-           'cache_key', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
-           'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'edit',
-           'edit_video', 'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize', 'run_edit', 'add_cli']
+__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
+           'default_cache_dir', 'cache_key', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
+           'decode_latents', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
+           'check_outputs', 'edit', 'edit_video', 'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize',
+           'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -69,6 +70,8 @@ class EditConfig:
                             f"timesteps: use --inversion-steps {self.steps}" + ''.join(f", {n}" for n in ok))
         if self.size < 64 or self.size % 64: raise UserError(f"--size must be a multiple of 64 (e.g. 512), got {self.size}")
         if self.batch_size < 1: raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_frames is not None and self.max_frames < 1: raise UserError(f"--max-frames must be at least 1, got {self.max_frames}")
+        if self.fps is not None and not self.fps > 0: raise UserError(f"--fps must be positive, got {self.fps}")
         if self.guidance < 0: raise UserError(f"--guidance must be ≥ 0, got {self.guidance}")
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")
@@ -83,7 +86,7 @@ def unet_budget(n_frames: int, cfg: EditConfig, cached: bool = False) -> dict[st
     S = cfg.steps
     K = len(frame_batches(n_frames, cfg.batch_size)) if cfg.propagation else 0
     sched = injection_schedule(ddim_timesteps(S), cfg.attn_t, cfg.conv_t)
-    W = sum(a or c for a, c in sched.values()) if cfg.identity_injection else 0
+    W = sum(a or c for a, c in sched.values()) if cfg.identity_injection or cfg.propagation else 0
     if cfg.propagation and cfg.nn_from == 'source': W = S  # TokenFlow's way: a source pass every step
     return {'inversion': 0 if cached else n_frames * cfg.inversion_steps,
             'edit': 2 * n_frames * S, 'keyframes': 2 * K * S, 'source': (n_frames + K) * W if cfg.propagation else n_frames * W}
@@ -100,7 +103,8 @@ def cache_key(data: np.ndarray | bytes, **settings) -> str:
     return h.hexdigest()[:32]
 
 TRACK_CACHE_VERSION = 1     # bump when `track_faces` changes what it returns
-INVERSION_CACHE_VERSION = 2 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`)
+INVERSION_CACHE_VERSION = 3 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`;
+                            # 3: float32, editing timesteps only)
 
 # %% ../nbs/09_pipeline.ipynb #840eaa64
 @torch.no_grad()
@@ -202,16 +206,18 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     if path is not None and path.exists():
         try: return torch.load(path, map_location='cpu', weights_only=True), True
         except Exception: warnings.warn(f'ignoring an unreadable inversion cache file {path}')
+    cfg.validate()                                              # the inversion grid must hold the editing grid
     abar = self.c.scheduler.alphas_cumprod.to(z0.device)
     c_src = encode_prompt(self.c, [cfg.source_prompt])
-    traj = {t: [] for t in ddim_timesteps(cfg.inversion_steps)}
+    traj = {t: [] for t in ddim_timesteps(cfg.steps)}          # what the edit reads
     batches = frame_batches(len(z0), cfg.batch_size)
-    bar = self._bar(range(len(batches) * len(traj)), 'DDIM inversion (ε1)')
+    bar = self._bar(range(len(batches) * cfg.inversion_steps), 'DDIM inversion (ε1)')
     def eps1(z, t):
         self.calls['inversion'] += len(z); bar.update()
-        return self.eps1(z, t, encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample
+        return self.eps1(z.to(self.c.dtype), t, encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
     for b in batches:
-        for t, z in ddim_invert(z0[b], eps1, cfg.inversion_steps, abar).items(): traj[t].append(z.cpu())
+        for t, z in ddim_invert(z0[b].float(), eps1, cfg.inversion_steps, abar).items():
+            if t in traj: traj[t].append(z.cpu())
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
     if path is not None:
@@ -253,13 +259,15 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
     abar = self.c.scheduler.alphas_cumprod.to(z.device)
     a_t, a_next = abar[t], (abar[t_next] if t_next >= 0 else abar[0])
     inj_a, inj_c = window if cfg.identity_injection else (False, False)
-    need_src = inj_a or inj_c or (cfg.propagation and cfg.nn_from == 'source')
-    n = len(z)
+    # with propagation the source pass also gives the NN field: it runs while a window is open even when
+    # injection is off, so that ablation changes the injected features and nothing else
+    need_src = inj_a or inj_c or (cfg.propagation and (cfg.nn_from == 'source' or any(window)))
+    n, dt = len(z), self.c.dtype
 
     def source_for(idx):
         "ε1's features for frames `idx`: recorded in a separate pass, or joined to ε2's batch when ε1 and ε2 share a forward."
         if not need_src: return None
-        zs = z_src[idx].to(z.device, z.dtype)
+        zs = z_src[idx].to(z.device, dt)
         if self.shared: return BatchedSource(zs, c_src)
         _, feats = ctl1.record(zs, t, c_src)
         self.calls['source'] += len(idx)
@@ -281,7 +289,7 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
             while done < len(groups) and groups[done].start <= need[-1]:   # run the groups this batch needs
                 g = groups[done]; idx = kf_idx[g]
                 src = source_for(idx)
-                _, kf = ctl2.edit_keyframes(z[idx], t, c_edit, idx, source=src, attn=inj_a, conv=inj_c)
+                _, kf = ctl2.edit_keyframes(z[idx].to(dt), t, c_edit, idx, source=src, attn=inj_a, conv=inj_c)
                 count('keyframes', idx, src)
                 self.kf_pairs += 2 * len(idx) * (len(idx) - 1)   # each of the 2·g guidance rows attends to g−1 more frames
                 for p in range(g.start, g.stop): held[p] = (kf, p - g.start)
@@ -294,11 +302,12 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
                 else: pieces.append((kf, slice(q, q + 1)))
             kfs = merge_keyframes(pieces)
         src = source_for(b)
-        if cfg.propagation: eps = ctl2.propagate(z[b], t, c_edit, b, source=src, keyframes=kfs, attn=inj_a, conv=inj_c)
-        elif src is not None: eps = ctl2.inject(z[b], t, c_edit, source=src, attn=inj_a, conv=inj_c)
-        else: eps = ctl2.forward(z[b], t, c_edit)
+        zb = z[b].to(dt)
+        if cfg.propagation: eps = ctl2.propagate(zb, t, c_edit, b, source=src, keyframes=kfs, attn=inj_a, conv=inj_c)
+        elif src is not None: eps = ctl2.inject(zb, t, c_edit, source=src, attn=inj_a, conv=inj_c)
+        else: eps = ctl2.forward(zb, t, c_edit)
         count('edit', b, src)
-        new[b] = ddim_step(z[b], _cfg_eps(eps, cfg.guidance), a_t, a_next)
+        new[b] = ddim_step(z[b], _cfg_eps(eps.float(), cfg.guidance), a_t, a_next)   # guidance and DDIM in float32
     return new
 
 IPFaceDiffPipeline.edit_step = edit_step
@@ -310,12 +319,12 @@ def edit_latents(self: IPFaceDiffPipeline, traj: dict, cfg: EditConfig) -> torch
     ts = ddim_timesteps(cfg.steps)
     missing = [t for t in ts if t not in traj]
     if missing: raise UserError(f"the inversion has no latent for t={missing[0]}: choose --inversion-steps as EditConfig.validate says")
-    dev, dt = self.c.device, self.c.dtype
+    dev = self.c.device
     window = injection_schedule(ts, cfg.attn_t, cfg.conv_t)
     c_edit = torch.cat([encode_prompt(self.c, [cfg.negative_prompt]), encode_prompt(self.c, [cfg.prompt])])
     c_src = encode_prompt(self.c, [cfg.source_prompt])
     g = torch.Generator().manual_seed(cfg.seed)
-    z = traj[ts[0]].to(dev, dt)
+    z = traj[ts[0]].to(dev, torch.float32)          # the DDIM state stays float32; the UNets get their dtype
     Control = TokenFlowControl if cfg.propagation else AttentionControl
     with Control(self.eps2) as ctl2:
         if self.adapters is not None: self.adapters.control = ctl2   # rows: [ε1 source | ε2 uncond | ε2 cond]
@@ -357,14 +366,27 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
 IPFaceDiffPipeline.face_track = face_track
 
 # %% ../nbs/09_pipeline.ipynb #8a4c6e5a
+VIDEO_OUT_EXTS = ('.mp4', '.m4v', '.mov', '.mkv')
+
+def check_outputs(out=None, side_by_side=None, overwrite: bool = False):
+    "Refuse, before any work, output paths that could not be written: a `UserError` that says what to change."
+    if side_by_side is not None and out is None: raise UserError("a side-by-side video needs the edited one too: give out=")
+    for flag, p in (('--out', out), ('--side-by-side', side_by_side)):
+        if p is None: continue
+        if Path(p).suffix.lower() not in VIDEO_OUT_EXTS: raise UserError(f"{flag} {p} should be a video file name ending in .mp4")
+        _check_target(Path(p), overwrite, want_dir=False)
+    if out is not None and side_by_side is not None and Path(out).resolve() == Path(side_by_side).resolve():
+        raise UserError(f"--out and --side-by-side are the same file {out}: give two names")
+
+# %% ../nbs/09_pipeline.ipynb #80f7cb31
 def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_side=None, overwrite: bool = False,
          fps: float | None = None, timer: StageTimer | None = None) -> EditResult:
     """Edit the face in `video` by `cfg.prompt`; write `out` (and an original|edited `side_by_side`) if given.
     `video` is a path, or uint8 frames (N, H, W, 3) with their `fps`. `timer`: a `StageTimer` (or one with
     the same `timer(stage)` interface, as `bench` uses) to time the stages with."""
     cfg = cfg.validate()
-    for p in (out, side_by_side):
-        if p is not None and Path(p).exists() and not overwrite: raise UserError(f"{p} already exists: choose another output path or pass --overwrite")
+    check_outputs(out, side_by_side, overwrite)
+    if cfg.guidance < 1: warnings.warn(f"guidance {cfg.guidance:g} < 1: the edit follows the negative prompt more than the prompt; 7.5 is usual")
     self.calls, self.kf_pairs, self.max_keyframe_group = Counter(), 0, 0
     timer = timer if timer is not None else StageTimer()
     audio, start = None, 0.0
@@ -386,17 +408,17 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
         self._weights_key = weights_fingerprint(self.eps1, self.c.vae, skip=skip)
     key = cache_key(crops, version=INVERSION_CACHE_VERSION, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key, steps=cfg.inversion_steps,
-                        prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size, batch=cfg.batch_size)
+                        kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size, batch=cfg.batch_size)
     with timer('inversion'): traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
     with timer('decode'): edited = self.decode_latents(z, cfg.batch_size)
     with timer('paste-back'): full = paste_back(frames, edited, track, region=cfg.mask, progress=self.progress)
     if out is not None:
-        with timer('write'):
-            write_video(out, full, fps, audio_from=audio, audio_start=start, overwrite=overwrite, progress=self.progress)
+        with timer('write'), contextlib.ExitStack() as stack:   # both files appear together, or neither
+            tmp = [stack.enter_context(atomic_output(p, overwrite)) for p in (out, side_by_side) if p is not None]
+            write_video(tmp[0], full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress)
             if side_by_side is not None:
-                write_side_by_side(side_by_side, frames, full, fps, audio_from=audio, audio_start=start,
-                                   overwrite=overwrite, progress=self.progress)
+                write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress)
     return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(len(frames), cfg, hit), hit,
                       track, Path(out) if out is not None else None, track_hit)
 
@@ -504,16 +526,20 @@ def _settings_from_args(a) -> dict:
     return {k: v for k, v in s.items() if v is not None or k == 'keyframe_window'}
 
 def run_edit(a) -> EditResult:
-    "The `ipfacediff edit` command."
+    """Edit the face in a video by a text prompt: track and align the face, invert it with ε1 (cached), edit it
+    with ε2 guided by ε1's features and keyframe propagation, paste it back and write the video."""
     if not Path(a.input).exists(): raise UserError(f"input video {a.input} does not exist")
     cfg = EditConfig(a.prompt, **_settings_from_args(a)).validate()
     out = Path(a.out)
-    if out.suffix.lower() not in ('.mp4', '.m4v', '.mov', '.mkv'): raise UserError(f"--out {out} should be a video file name ending in .mp4")
+    check_outputs(out, a.side_by_side, a.overwrite)           # before the models load and the work starts
     progress = not a.quiet
     if a.tiny:
+        if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
+        if a.identity_model or a.edit_model or a.model != DEFAULT_MODEL:
+            raise UserError("--tiny uses tiny random models: drop --model / --identity-model / --edit-model")
+        if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
         torch.set_num_threads(1)  # tiny models run fastest on one thread; more only adds overhead
         print('ipfacediff: --tiny smoke run: tiny random models, the edited face pixels are noise (mechanics only)')
-        if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
         pipe = IPFaceDiffPipeline.tiny(a.seed, cache_dir=a.cache_dir, progress=progress)
     else:
         if not (a.identity_model or a.edit_model):
@@ -551,10 +577,10 @@ def add_cli(sub):
     p.add_argument('--nn-from', default='edit', choices=('edit', 'source'),
                    help="NN field after the injection window: ε2's own tokens (edit, default: no ε1 pass there) or an ε1 source pass every step (source, TokenFlow's way)")
     p.add_argument('--fps', type=float, help='resample the input to this frame rate')
-    p.add_argument('--max-frames', type=int)
+    p.add_argument('--max-frames', type=int, help='edit only the first N frames (after --fps resampling)')
     p.add_argument('--size', type=int, help='aligned face crop size (default 512; 128 with --tiny)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--no-identity-injection', action='store_true', help='ablation: do not inject ε1 features')
+    p.add_argument('--no-identity-injection', action='store_true', help='ablation: do not inject ε1 features (with propagation ε1 still runs in the window, for the NN field)')
     p.add_argument('--no-propagation', action='store_true', help='ablation: edit every frame independently')
     p.add_argument('--mask', default='face', choices=MASK_REGIONS, help="region pasted back: face (default), head (with the hair: hair colour, bangs) or crop")
     p.add_argument('--device', help='cuda, cpu or auto')

@@ -1,7 +1,7 @@
 """`ipfacediff edit` end to end on the bundled sample with tiny random models (issue 5's 'done when'):
 same frame count, size and fps; the background untouched within codec tolerance; deterministic;
 the inversion cache reused by a second prompt; bad input refused with exit code 2 and no file."""
-import os, shutil, subprocess, sys, time
+import os, resource, shutil, subprocess, sys, time
 from pathlib import Path
 import numpy as np, cv2, pytest
 from ipfacediff.utils import data_path
@@ -19,16 +19,28 @@ def edit(*args, cache):
 def edit_inprocess(capsys, monkeypatch, *args, cache):
     return run_inprocess(capsys, monkeypatch, 'edit', *args, '--quiet', cache=cache)
 
+def _child_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory):
     d = tmp_path_factory.mktemp('edit')
+    cpu0 = _child_cpu()
     r, secs = edit(SAMPLE, '--prompt', 'add glasses', '--tiny', '--out', str(d / 'out.mp4'), cache=d / 'cache')
     assert r.returncode == 0, r.stderr
-    return d, r, secs
+    return d, r, (secs, _child_cpu() - cpu0)
 
-def test_runs_within_a_minute_and_keeps_the_format(first_run):
-    d, r, secs = first_run
-    assert secs < 60, f'the tiny edit of the 40-frame sample took {secs:.0f} s'
+def test_runs_within_a_minute(first_run):
+    # "within a minute on a fresh CPU machine": the command's own CPU time (one thread), which other jobs on a
+    # shared CI machine barely change; its wall time there is reported, and bounded only against a hang
+    _, _, (secs, cpu) = first_run
+    print(f'tiny edit of the 40-frame sample: {cpu:.1f} s CPU, {secs:.1f} s wall')
+    assert cpu < 60, f'the tiny edit of the 40-frame sample used {cpu:.0f} s of CPU'
+    assert secs < 300, f'the tiny edit of the 40-frame sample took {secs:.0f} s'
+
+def test_keeps_the_format(first_run):
+    d, r, _ = first_run
     assert 'smoke run' in r.stdout and 'face track: computed and cached' in r.stdout and 'inversion: computed and cached' in r.stdout
     src, si = read_video(SAMPLE, progress=False)
     out, oi = read_video(d / 'out.mp4', progress=False)
@@ -83,5 +95,31 @@ def test_no_face_refused_without_output(tmp_path, capsys, monkeypatch):
     from ipfacediff.video import write_video
     write_video(tmp_path / 'coffee.mp4', np.stack([coffee()[:256, :256]] * 6), 10, progress=False)
     r = edit_inprocess(capsys, monkeypatch, str(tmp_path / 'coffee.mp4'), '--prompt', 'x', '--tiny', '--out', str(tmp_path / 'o.mp4'), cache=tmp_path / 'cache')
-    assert r.returncode == 2 and 'face' in r.stderr.lower(), r.stderr
+    assert r.returncode == 2 and 'no face found in any of the 6 frames' in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == '.mp4') == ['coffee.mp4']
+
+@pytest.mark.parametrize('extra, msg', [
+    (['--tiny', '--side-by-side', 'nodir/s.mp4'], 'the folder nodir does not exist'),
+    (['--tiny', '--side-by-side', 'o.mp4'], 'same file'),
+    (['--tiny', '--side-by-side', 'taken.mp4'], 'taken.mp4 already exists'),
+    (['--tiny', '--identity-model', 'runs/e1'], 'drop --model / --identity-model'),
+    (['--tiny', '--max-frames', '0'], '--max-frames must be at least 1'),
+    (['--device', 'tpu'], "unknown device 'tpu'"),
+])
+def test_outputs_and_options_checked_before_any_work(tmp_path, extra, msg, capsys, monkeypatch):
+    "Refused with one line and exit 2 before any work: nothing new on disk, not even the face-track cache."
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'taken.mp4').write_bytes(b'mine')
+    r = edit_inprocess(capsys, monkeypatch, SAMPLE, '--prompt', 'x', '--out', 'o.mp4', *extra, cache=tmp_path / 'cache')
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.strip().count('\n') == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['taken.mp4'] and (tmp_path / 'taken.mp4').read_bytes() == b'mine'
+
+def test_edit_and_side_by_side_written_together(tmp_path, capsys, monkeypatch):
+    "A failure while writing the second file leaves neither (here: the side-by-side cannot be encoded)."
+    import ipfacediff.pipeline as P
+    def broken(path, *a, **k): Path(path).write_bytes(b'half'); raise RuntimeError('disk full')
+    monkeypatch.setattr(P, 'write_side_by_side', broken)
+    with pytest.raises(RuntimeError, match='disk full'):
+        P.IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path / 'cache', progress=False).edit(
+            SAMPLE, P.EditConfig('x', size=64, steps=2, inversion_steps=2, max_frames=2), out=tmp_path / 'o.mp4', side_by_side=tmp_path / 's.mp4')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['cache']
