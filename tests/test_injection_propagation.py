@@ -90,6 +90,49 @@ def test_injection_changes_other_network_only_inside_window(nets):
     assert changed == [True, True, True, False]
 
 
+def test_injects_eps1_qk_with_eps2_v_and_eps1_resnet_inside_windows(nets):
+    "By hand from one layer's inputs: ε2's attn1 output is softmax(Q1 K1ᵀ/√d) V2 inside τ_attn, its own after; h1 flows on inside τ_conv."
+    eps1, eps2, z, c_cfg = nets['eps1'], nets['eps2'], nets['z'], nets['c_cfg']
+    layer, res = 'up_blocks.2.attentions.1.transformer_blocks.0.attn1', 'up_blocks.1.resnets.1'
+    a1, a2 = (dict(u.named_modules())[layer] for u in (eps1, eps2))
+    conv2 = dict(eps2.named_modules())[res].conv2
+
+    def qkv(a, x): return [t.view(*x.shape[:2], a.heads, -1).transpose(1, 2) for t in (a.to_q(x), a.to_k(x), a.to_v(x))]
+
+    def by_hand(q, k, v):
+        o = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        return a2.to_out[1](a2.to_out[0](o.transpose(1, 2).flatten(2)))
+    two = lambda t: torch.cat([t, t])   # source rows for both prompt chunks, chunk-major
+    ts = ddim_timesteps(4)
+    sched = injection_schedule(ts)      # attn: first 2 steps, conv: first 3
+    assert [sched[t] for t in ts] == [(True, True)] * 2 + [(False, True), (False, False)]
+    seen = {}
+    spy = lambda key: (lambda m, args, out: seen.__setitem__(key, (args[0], out)))
+    with AttentionControl(eps1) as src, AttentionControl(eps2) as edit:
+        hooks = [a1.register_forward_hook(spy('a1')), a2.register_forward_hook(spy('a2')), conv2.register_forward_hook(spy('h'))]
+        try:
+            for t in ts:
+                a, c = sched[t]
+                _, f = src.record(nets['z_src'], t, nets['c_src'])
+                x1 = seen['a1'][0]
+                edit.inject(z, t, c_cfg, source=f, attn=a, conv=c)
+                (x2, out2), (h_in, h_out) = seen['a2'], seen['h']
+                with torch.no_grad():
+                    (q1, k1, v1), (q2, k2, v2) = qkv(a1, x1), qkv(a2, x2)
+                    cand = {'Q1K1V2': by_hand(two(q1), two(k1), v2), 'Q2K2V2': by_hand(q2, k2, v2),
+                            'Q1K1V1': by_hand(two(q1), two(k1), two(v1))}
+                    own_h = F.conv2d(h_in, conv2.weight, conv2.bias, padding=conv2.padding)
+                want = 'Q1K1V2' if a else 'Q2K2V2'
+                torch.testing.assert_close(out2, cand[want], atol=1e-5, rtol=0)
+                assert all((out2 - o).abs().max() > 1e-2 for n, o in cand.items() if n != want), t
+                h1 = two(f.conv[res])
+                assert (h1 - own_h).abs().max() > 1e-2
+                if c: assert torch.equal(h_out, h1), t
+                else: torch.testing.assert_close(h_out, own_h, atol=1e-6, rtol=0)
+        finally:
+            for h in hooks: h.remove()
+
+
 def test_processors_restored(nets):
     eps2 = nets['eps2']
     procs, before = dict(eps2.attn_processors), plain(eps2, nets['z'], T, nets['c_src'])
@@ -168,6 +211,31 @@ def test_nn_field_and_weights():
     kf_out = torch.stack([torch.full((50, 8), 1.0), torch.full((50, 8), 3.0)])[None]  # (m=1, K=2, L, C)
     out = propagate_features(kf_out, x[:2], x[:1].expand(3, -1, -1), [0, 1, 4], [0, 4])
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([1.0, 1.5, 3.0]))
+
+
+def test_eq4_gathers_the_matched_token_of_each_keyframe():
+    "Per-token keyframe outputs and known non-identity fields: eq. 4 must take T(k)[γ_k(p)], weighted by hand-written w⁻."
+    g = torch.Generator().manual_seed(4)
+    L, kf_idx, frames = 12, torch.tensor([2, 6, 10]), torch.tensor([0, 3, 4, 6, 9, 12])
+    base = torch.randn(L, 8, generator=g)
+    pi = torch.stack([torch.randperm(L, generator=g) for _ in kf_idx])          # keyframe k's token q = base[pi[k, q]]
+    rho, rho2 = (torch.stack([torch.randperm(L, generator=g) for _ in frames]) for _ in range(2))  # frame row r's token p = base[rho[r, p]]
+    kf_out = (1000 * torch.arange(2)[:, None, None, None] + 100 * torch.arange(3)[None, :, None, None]
+              + torch.arange(L)[None, None, :, None] + 0.5 * torch.arange(2)).float()   # (m=2, K=3, L, C=2)
+    # (row, past keyframe, future keyframe, w⁻): before the first, between, on a keyframe, after the last
+    plan = [(0, 0, 0, 1.), (1, 0, 1, .75), (2, 0, 1, .5), (3, 1, 1, 1.), (4, 1, 2, .25), (5, 2, 2, 1.)]
+    gamma = lambda k, r, rho: torch.argsort(pi[k])[rho[r]]
+
+    def eq4(rho):
+        return torch.stack([w * kf_out[:, a, gamma(a, r, rho)] + (1 - w) * kf_out[:, b, gamma(b, r, rho)]
+                            for r, a, b, w in plan], 1)
+    assert not any(torch.equal(gamma(k, r, rho), torch.arange(L)) for r, a, b, _ in plan for k in {a, b})
+    got = propagate_features(kf_out, base[pi], base[rho], frames, kf_idx, chunk_size=5)
+    assert got.shape == (2, 6, L, 2)
+    assert torch.equal(got, eq4(rho))
+    assert got[0, 1, 0, 0] == .75 * gamma(0, 1, rho)[0] + .25 * (100 + gamma(1, 1, rho)[0])   # frame 3, token 0
+    got2 = propagate_features(kf_out, torch.stack([base[pi]] * 2), torch.stack([base[rho], base[rho2]]), frames, kf_idx)
+    assert torch.equal(got2[0], eq4(rho)[0]) and torch.equal(got2[1], eq4(rho2)[1])   # one field per prompt chunk
 
 
 def test_extended_attention():
