@@ -20,7 +20,7 @@ from .facedata import EditPrompts, FaceDataset
 
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'FinetuneConfig', 'StreamBatchSampler', 'invert_to', 'generate_x0', 'get_f_arc', 'save_lora',
-           'Finetuner', 'read_log', 'finetune', 'add_cli']
+           'Finetuner', 'read_log', 'finetune', 'config_from_args', 'add_cli']
 
 # %% ../nbs/06_finetune.ipynb #5e7ea481
 @dataclass
@@ -67,23 +67,41 @@ class FinetuneConfig:
     tensorboard: bool = False
 
     def check(self) -> 'FinetuneConfig':
+        "Validate every setting up front (before anything is loaded or written); fill in the default lr. Errors name the CLI options."
         if self.mode not in ('identity', 'directional'): raise UserError(f"mode must be identity or directional, got {self.mode!r}")
         if not self.data: raise UserError("no training data: pass --data with a folder of aligned face images")
         if not self.out: raise UserError("no output folder: pass --out DIR")
         if self.mode == 'directional' and not self.captions:
             raise UserError("directional fine-tuning (ε2) needs reference captions: pass --captions FILE.jsonl (see `caption_images` for BLIP-2)")
-        for k in ('steps', 'batch_size', 'size', 'grad_accum', 'checkpoint_every', 'inversion_steps', 'gen_steps', 'rank'):
-            if getattr(self, k) < 1: raise UserError(f"{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
-        try: ddim_timesteps(self.inversion_steps)
-        except ValueError as e: raise UserError(f"inversion-steps: {e}") from None
+        for k in ('steps', 'batch_size', 'size', 'grad_accum', 'checkpoint_every', 'keep_checkpoints', 'inversion_steps', 'gen_steps', 'rank'):
+            if getattr(self, k) < 1: raise UserError(f"{_opt(k)} must be at least 1, got {getattr(self, k)}")
+        for k in ('warmup_steps', 'num_workers'):
+            if getattr(self, k) < 0: raise UserError(f"{_opt(k)} must be 0 or more, got {getattr(self, k)}")
+        for k in ('lambda1', 'lambda2', 'weight_decay', 'max_grad_norm'):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0): raise UserError(f"{_opt(k)} must be a number ≥ 0, got {v}")
+        if self.mode == 'directional' and self.lambda1 == self.lambda2 == 0: raise UserError("--lambda1 and --lambda2 are both 0: the loss would be 0; give one a positive weight")
+        if not 0 <= self.generic_p <= 1: raise UserError(f"generic_p is a share and must be between 0 and 1, got {self.generic_p}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0): raise UserError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        try: grid = ddim_timesteps(self.inversion_steps)
+        except ValueError as e: raise UserError(f"--inversion-steps: {e}") from None
         if self.lr is None: self.lr = 1e-4 if self.lora else 1e-5
-        if self.lr <= 0: raise UserError(f"lr must be positive, got {self.lr}")
-        if self.size % 8: raise UserError(f"size must be a multiple of 8 (the VAE's factor), got {self.size}")
-        if self.mixed_precision not in ('no', 'fp16', 'bf16'): raise UserError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.inversion not in ('ddim', 'noise'): raise UserError(f"inversion must be ddim or noise, got {self.inversion!r}")
-        if not 0 <= self.t_min <= self.t_max <= 1000: raise UserError(f"need 0 ≤ t-min ≤ t-max ≤ 1000, got {self.t_min}, {self.t_max}")
+        if not (math.isfinite(self.lr) and self.lr > 0): raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.size % 8: raise UserError(f"--size must be a multiple of 8 (the VAE's factor), got {self.size}")
+        if self.mixed_precision not in ('no', 'fp16', 'bf16'): raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.inversion not in ('ddim', 'noise'): raise UserError(f"--inversion must be ddim or noise, got {self.inversion!r}")
+        if not 0 <= self.t_min <= self.t_max <= 1000: raise UserError(f"need 0 ≤ --t-min ≤ --t-max ≤ 1000, got --t-min {self.t_min}, --t-max {self.t_max}")
+        if self.fixed_t is not None:
+            if self.fixed_t not in grid: raise UserError(f"--fixed-t {self.fixed_t} is not on the {self.inversion_steps}-step DDIM grid (e.g. {grid[-5:]})")
+        elif not any(self.t_min <= s <= self.t_max for s in grid):
+            raise UserError(f"no DDIM timestep in [{self.t_min}, {self.t_max}] with {self.inversion_steps} steps: widen --t-min/--t-max")
         self.lora_targets = tuple(self.lora_targets)
         return self
+
+_NO_CLI_OPTION = ('lora_alpha', 'lora_targets', 'weight_decay', 'max_grad_norm', 'generic_p')   # settings of the Python API only
+def _opt(k: str) -> str:
+    "A setting's name as the user types it: `--batch-size` for `batch_size` (the field name where there is no CLI option)."
+    return k if k in _NO_CLI_OPTION else '--' + k.replace('_', '-')
 
 # these must match when a run is resumed (the rest — steps, checkpoint interval, workers — may change)
 _RESUME_KEYS = ('mode', 'lora', 'rank', 'lora_alpha', 'lora_targets', 'batch_size', 'grad_accum', 'lr', 'weight_decay', 'warmup_steps',
@@ -122,7 +140,7 @@ def generate_x0(eps_fn, x_t: torch.Tensor, t: int, steps: int = 1, num_steps: in
     sel = [grid[i] for i in np.unique(np.linspace(0, len(grid) - 1, steps).round().astype(int))]
     z = x_t
     for i, s in enumerate(sel):
-        a_next = abar[sel[i + 1]] if i + 1 < len(sel) else torch.ones((), device=x_t.device, dtype=abar.dtype)
+        a_next = abar[sel[i + 1]] if i + 1 < len(sel) else abar[0]   # the last step ends at ᾱ_0, as `ddim_sample` does
         step = lambda z, s=s, a_next=a_next: ddim_step(z, eps_fn(z, s), abar[s], a_next)
         z = torch.utils.checkpoint.checkpoint(step, z, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else step(z)
     return z
@@ -176,6 +194,28 @@ def _set_rng_state(st: dict):
     torch.set_rng_state(st['torch']); np.random.set_state(st['numpy']); random.setstate(st['python'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
+@contextlib.contextmanager
+def _seeded(seed: int, device):
+    "torch's global RNG (CPU, and `device`'s if CUDA) seeded with `seed` inside; the caller's RNG state is restored after."
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if torch.device(device).type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for i in cuda:
+            with torch.cuda.device(i): torch.cuda.manual_seed(seed)
+        yield
+
+_RUN_FILES = ('config.json', 'log.csv', 'tensorboard', 'checkpoints')   # what a run writes before its first checkpoint
+
+def _unstarted(out: Path) -> bool:
+    "Whether `out` holds only a run that stopped before its first checkpoint: nothing to resume, nothing of value to lose."
+    return (out / 'config.json').is_file() and not _checkpoints(out) and all(p.name in _RUN_FILES for p in out.iterdir())
+
+def _clear_run(out: Path):
+    "Empty the run folder `out` (the folder itself stays)."
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+        else: p.unlink()
+
 LOG_FIELDS = ('step', 'loss', 'part1', 'part2', 't', 'lr', 'seconds')
 
 # %% ../nbs/06_finetune.ipynb #00222914
@@ -184,10 +224,10 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, comps: SDComponents | None = None, f_arc=None, clip=None,
                  dataset: FaceDataset | None = None, resume: bool | str = False, overwrite: bool = False):
         from accelerate import Accelerator
-        self.cfg = cfg = cfg.check()
+        self.cfg = cfg = cfg.check()                 # every check comes before anything is written or deleted
         self.out = Path(cfg.out).expanduser()
-        self.resume_from = self._prepare_out(resume, overwrite)
         dev = resolve_device(cfg.device)
+        self.resume_from, clear_out = self._prepare_out(resume, overwrite)
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()  # a new run in the same process may use another precision (the process group is kept)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=dev.type == 'cpu')
@@ -201,7 +241,8 @@ class Finetuner:
         for m in (comps.vae, comps.text_encoder): move(m, dev, wdt).eval().requires_grad_(False)
         unet = move(comps.unet, dev, torch.float32)
         if cfg.lora:   # adapters injected into the UNet itself (a PeftModel wrapper costs ~5× per tiny forward)
-            unet.requires_grad_(False).add_adapter(_lora_config(cfg))
+            with _seeded(cfg.seed, dev):             # lora_A's Kaiming init draws from torch's global RNG
+                unet.requires_grad_(False).add_adapter(_lora_config(cfg))
             for n, p in unet.named_parameters(): p.requires_grad_('lora_' in n)
             self.model, self.base = unet, None     # the frozen base = the UNet with adapters disabled
         else:
@@ -224,28 +265,31 @@ class Finetuner:
         self.generator = torch.Generator().manual_seed(cfg.seed + 1000 * self.acc.process_index)
         self.step, self._cache = 0, {}
         if self.resume_from is not None: self._load_checkpoint(self.resume_from)
-        if self.acc.is_main_process:
+        if self.acc.is_main_process:                 # the first write: everything that can fail on bad input has run
+            if clear_out: _clear_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1, default=str))
 
     # ---- the run folder ----
-    def _prepare_out(self, resume, overwrite) -> Path | None:
+    def _prepare_out(self, resume, overwrite) -> tuple[Path | None, bool]:
+        "(checkpoint to resume from or None, whether to empty --out before the run): checks only, nothing is deleted here."
         out, cks = self.out, _checkpoints(self.out)
+        if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder for the run")
+        busy = out.is_dir() and any(out.iterdir())
         if resume:
             if resume is not True and str(resume) != 'latest':
                 p = Path(resume).expanduser()
                 if not (p / 'state.json').exists(): raise UserError(f"{p} is not a checkpoint folder (no state.json): pass --resume with no value to take the latest in --out")
-                return p
-            if not cks:
-                if out.exists() and any(out.iterdir()): raise UserError(f"--resume: no checkpoint in {out}/checkpoints to resume from")
-                return None  # nothing to resume: a fresh run
-            return cks[-1]
-        if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder for the run")
-        if out.exists() and any(out.iterdir()):
-            if not overwrite: raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to start again, or choose another folder")
-            if (out / 'config.json').exists() or cks: shutil.rmtree(out)
-            else: raise UserError(f"--out {out} is not empty and holds no fine-tuning run: refusing to delete it; choose another folder")
-        return None
+                return p, False
+            if cks: return cks[-1], False
+            if not busy: return None, False  # nothing to resume: a fresh run
+            if _unstarted(out): return None, True
+            raise UserError(f"--resume: no checkpoint in {out}/checkpoints to resume from")
+        if not busy: return None, False
+        if _unstarted(out): return None, True
+        if not overwrite: raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to start again, or choose another folder")
+        if (out / 'config.json').exists() or cks: return None, True
+        raise UserError(f"--out {out} is not empty and holds no fine-tuning run: refusing to delete it; choose another folder")
 
     @property
     def unwrapped(self): return self.acc.unwrap_model(self.model)
@@ -459,6 +503,14 @@ def finetune(cfg: FinetuneConfig, resume=False, overwrite: bool = False, progres
     return ft.out
 
 # %% ../nbs/06_finetune.ipynb #33e1c0d5
+_TINY_DEFAULTS = dict(steps=4, batch_size=2, size=64, inversion_steps=10, rank=4, checkpoint_every=2)   # --tiny: a smoke run
+
+def config_from_args(a) -> FinetuneConfig:
+    "The run's `FinetuneConfig` from parsed `ipfacediff finetune` arguments: options not given take the paper's defaults, or with `--tiny` the smoke-run sizes of `_TINY_DEFAULTS`."
+    keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    kw = {k: v for k, v in vars(a).items() if k in keys and v is not None}
+    return FinetuneConfig(**({**_TINY_DEFAULTS, **kw} if a.tiny else kw))
+
 def add_cli(sub):
     p = sub.add_parser('finetune', help='fine-tune ε1 (identity, eq. 5) or ε2 (directional, eq. 6) on aligned faces',
                        description='Fine-tune a branch of IP-FaceDiff. The result in --out loads in `ipfacediff edit` with `--identity-model OUT` (identity) or `--edit-model OUT` (directional).')
@@ -470,26 +522,29 @@ def add_cli(sub):
     g = p.add_mutually_exclusive_group()
     g.add_argument('--lora', dest='lora', action='store_true', default=True, help='LoRA adapters (default)')
     g.add_argument('--full', dest='lora', action='store_false', help='fine-tune the whole UNet')
-    p.add_argument('--rank', type=int, default=d.rank, help='LoRA rank r')
-    p.add_argument('--steps', type=int, default=d.steps)
-    p.add_argument('--batch-size', type=int, default=d.batch_size, help='per process and micro-batch')
+    t = _TINY_DEFAULTS
+    p.add_argument('--rank', type=int, help=f'LoRA rank r (default {d.rank}; {t["rank"]} with --tiny)')
+    p.add_argument('--steps', type=int, help=f'optimizer steps (default {d.steps}; {t["steps"]} with --tiny)')
+    p.add_argument('--batch-size', type=int, help=f'per process and micro-batch (default {d.batch_size}; {t["batch_size"]} with --tiny)')
     p.add_argument('--grad-accum', type=int, default=d.grad_accum)
     p.add_argument('--lr', type=float, default=d.lr, help='AdamW learning rate (default: 1e-4 with LoRA, 1e-5 with --full as in the paper)')
     p.add_argument('--warmup-steps', type=int, default=d.warmup_steps)
-    p.add_argument('--size', type=int, default=d.size)
+    p.add_argument('--size', type=int, help=f'face crop size, a multiple of 8 (default {d.size}; {t["size"]} with --tiny)')
     p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default=d.mixed_precision)
-    p.add_argument('--checkpoint-every', type=int, default=d.checkpoint_every)
+    p.add_argument('--checkpoint-every', type=int, help=f'steps between checkpoints (default {d.checkpoint_every}; {t["checkpoint_every"]} with --tiny)')
     p.add_argument('--keep-checkpoints', type=int, default=d.keep_checkpoints)
     p.add_argument('--resume', nargs='?', const='latest', default=None, help='continue from the latest checkpoint in --out (or this checkpoint folder)')
     p.add_argument('--overwrite', action='store_true', help='delete an earlier run in --out and start again')
     p.add_argument('--model', default=d.model, help='Stable Diffusion 2.1 hub id or local folder')
-    p.add_argument('--tiny', action='store_true', help='tiny random SD and CLIP (offline smoke run)')
+    p.add_argument('--tiny', action='store_true', help='smoke run, offline: tiny random SD and CLIP, and unless given '
+                   f'--steps {t["steps"]} --batch-size {t["batch_size"]} --size {t["size"]} --inversion-steps {t["inversion_steps"]} '
+                   f'--rank {t["rank"]} --checkpoint-every {t["checkpoint_every"]} (mechanics only: the weights learn nothing useful)')
     p.add_argument('--embedder', default=d.embedder, help='identity embedder f_arc (dlib, or an ArcFace spec)')
     p.add_argument('--clip', default=d.clip, help='CLIP hub id / folder, or open_clip:ARCH/PRETRAINED')
     p.add_argument('--lambda1', type=float, default=d.lambda1); p.add_argument('--lambda2', type=float, default=d.lambda2)
     p.add_argument('--templates', action='store_true', help='average ΔT over prompt templates')
     p.add_argument('--inversion', choices=['ddim', 'noise'], default=d.inversion)
-    p.add_argument('--inversion-steps', type=int, default=d.inversion_steps)
+    p.add_argument('--inversion-steps', type=int, help=f'DDIM inversion steps (default {d.inversion_steps}; {t["inversion_steps"]} with --tiny)')
     p.add_argument('--t-min', type=int, default=d.t_min); p.add_argument('--t-max', type=int, default=d.t_max)
     p.add_argument('--fixed-t', type=int, default=None, help='a fixed inversion depth (a DDIM grid timestep)')
     p.add_argument('--cache-inversions', action='store_true')
@@ -501,9 +556,11 @@ def add_cli(sub):
     p.add_argument('--tensorboard', action='store_true')
     p.add_argument('--no-progress', action='store_true')
     def run(a):
-        keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        cfg = FinetuneConfig(**{k: v for k, v in vars(a).items() if k in keys})
+        cfg = config_from_args(a)
         ft = Finetuner(cfg, resume=a.resume or False, overwrite=a.overwrite)
+        if a.tiny and ft.acc.is_main_process:
+            print(f'ipfacediff: --tiny smoke run: tiny random models, {cfg.steps} steps of batch {cfg.batch_size} at {cfg.size}² '
+                  '(mechanics only: the weights learn nothing useful)')
         rows = ft.train(progress=not a.no_progress)
         if ft.acc.is_main_process:
             last = f"; last loss {rows[-1]['loss']:.4f}" if rows else ''

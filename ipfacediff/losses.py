@@ -173,13 +173,15 @@ def text_direction(clip, p_tar, p_ref, templates: Sequence[str] | None = None) -
 def directional_clip_loss(y_gen: torch.Tensor, y0: torch.Tensor, p_tar=None, p_ref=None, clip=None,
                           y_ref: torch.Tensor | None = None, lambda1: float = 0.3, lambda2: float = 0.7,
                           templates: Sequence[str] | None = None, delta_t: torch.Tensor | None = None,
-                          return_parts: bool = False):
+                          return_parts: bool = False, min_delta: float = 1e-2):
     """Eq. 6: λ1‖f_I(y_gen) − f_I(y0)‖² + λ2[1 − ΔI·ΔT], batch mean.
 
     Images (B, 3, H, W) in [0, 1]; `y_ref` defaults to `y0` (the original image); `p_tar` / `p_ref`
     are a string or one string per image (the edit prompt and the reference caption). Pass a
     precomputed `delta_t` (from `text_direction`) to skip the text encoder. f_I, f_T and ΔI, ΔT are
-    L2-normalised as in StyleGAN-NADA. `clip` needs `encode_image` and `encode_text`."""
+    L2-normalised as in StyleGAN-NADA, ΔI by max(|ΔI|, `min_delta`) (a floor that keeps the gradient
+    bounded when ŷ ≈ y_ref; the formula is unchanged for |ΔI| ≥ `min_delta`). `clip` needs
+    `encode_image` and `encode_text`."""
     if clip is None: raise ValueError("directional_clip_loss needs a CLIP encoder (`clip=`)")
     e_gen = _norm(clip.encode_image(y_gen))
     with torch.no_grad():
@@ -189,6 +191,6 @@ def directional_clip_loss(y_gen: torch.Tensor, y0: torch.Tensor, p_tar=None, p_r
             if p_tar is None or p_ref is None: raise ValueError("give p_tar and p_ref, or delta_t")
             delta_t = text_direction(clip, _as_list(p_tar, len(e_gen)), _as_list(p_ref, len(e_gen)), templates)
     l_img = ((e_gen - e0) ** 2).sum(-1).mean()
-    l_dir = (1 - (_norm(e_gen - e_ref) * delta_t.to(e_gen)).sum(-1)).mean()
+    l_dir = (1 - (_norm(e_gen - e_ref, min_delta) * delta_t.to(e_gen)).sum(-1)).mean()
     loss = lambda1 * l_img + lambda2 * l_dir
     return (loss, {'l_img': l_img.detach(), 'l_dir': l_dir.detach()}) if return_parts else loss

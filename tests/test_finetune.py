@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from ipfacediff.facedata import FaceDataset, demo_faces
-from ipfacediff.finetune import FinetuneConfig, Finetuner, _checkpoints, read_log
+from ipfacediff.finetune import FinetuneConfig, Finetuner, _checkpoints, config_from_args, read_log
 from ipfacediff.models import load_branch, tiny_components
-from ipfacediff.cli import main
+from ipfacediff.cli import build_parser, main
+from ipfacediff.utils import UserError
 
 SMALL = dict(tiny=True, size=64, batch_size=2, inversion_steps=10, t_max=201, rank=4, lr=2e-3)
 
@@ -21,7 +22,7 @@ def faces(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def f_arc():
-    pytest.importorskip('ipfacediff.embedders')
+    import ipfacediff.embedders  # noqa: F401  (part of the package: a broken install fails here, it is not skipped)
     from ipfacediff.finetune import get_f_arc
     return get_f_arc('dlib')
 
@@ -93,3 +94,73 @@ def test_cli_killed_process_resumes_exactly(faces, tmp_path):
     wb = load_file(str(tmp_path / 'killed' / 'adapter_model.safetensors'))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r['loss'] for r in read_log(tmp_path / 'straight')] == [r['loss'] for r in read_log(tmp_path / 'killed')]
+
+def test_lora_init_follows_the_seed(faces, tmp_path):
+    "The adapters' initial weights depend on cfg.seed only, not on what the global RNG drew before; the caller's RNG is left alone."
+    folder, caps, ds = faces
+    comps = [tiny_components(0) for _ in range(3)]        # tiny_components seeds the global RNG itself: built before the draws
+    cfg = lambda out, seed: FinetuneConfig(mode='identity', data=str(folder), out=str(tmp_path / out), **{**SMALL, 'seed': seed})
+    lora_a = lambda ft: {k: v.clone() for k, v in ft.unwrapped.state_dict().items() if 'lora_A' in k}
+    torch.randn(3); state = torch.get_rng_state()
+    a = lora_a(Finetuner(cfg('a', 5), comps=comps[0], f_arc=torch.nn.Identity(), dataset=ds))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.randn(11)
+    b = lora_a(Finetuner(cfg('b', 5), comps=comps[1], f_arc=torch.nn.Identity(), dataset=ds))
+    c = lora_a(Finetuner(cfg('c', 6), comps=comps[2], f_arc=torch.nn.Identity(), dataset=ds))
+    assert a and a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in a)
+
+def _settings(*args):
+    return config_from_args(build_parser(['finetune']).parse_args(['finetune', 'identity', '--data', 'd', '--out', 'o', *args]))
+
+def test_tiny_lowers_unset_defaults():
+    "`finetune --tiny` is a smoke run: the options not given get small values; given ones are kept."
+    c = _settings('--tiny')
+    assert (c.steps, c.batch_size, c.size, c.inversion_steps, c.rank) == (4, 2, 64, 10, 4) and c.tiny
+    c = _settings('--tiny', '--steps', '6', '--batch-size', '3')           # what the user gives wins
+    assert (c.steps, c.batch_size, c.size) == (6, 3, 64)
+    c = _settings()                                                        # the paper's defaults without --tiny
+    assert (c.steps, c.batch_size, c.size, c.inversion_steps, c.rank, c.checkpoint_every) == (30_000, 16, 512, 50, 16, 1000)
+
+def test_tiny_is_announced(capsys):
+    with pytest.raises(SystemExit): main(['finetune', '--help'])
+    help = ' '.join(capsys.readouterr().out.split())
+    assert 'smoke run' in help and '--steps 4 --batch-size 2 --size 64' in help and 'default 30000; 4 with --tiny' in help
+
+@pytest.mark.parametrize('bad,msg', [(['--num-workers', '-1'], '--num-workers must be 0 or more'), (['--steps', '0'], '--steps must be at least 1'),
+    (['--batch-size', '0'], '--batch-size'), (['--lr', '0'], '--lr must be a positive'), (['--lr', 'nan'], '--lr'), (['--size', '0'], '--size'),
+    (['--rank', '0'], '--rank'), (['--lambda2', '-0.5'], '--lambda2'), (['--t-min', '600', '--t-max', '500'], '--t-min'),
+    (['--fixed-t', '400'], '--fixed-t 400'), (['--gen-steps', '0'], '--gen-steps'), (['--inversion-steps', '1000'], '--inversion-steps'),
+    (['--warmup-steps', '-2'], '--warmup-steps'), (['--keep-checkpoints', '0'], '--keep-checkpoints'), (['--device', 'tpu'], 'tpu')])
+def test_cli_bad_numbers_fail_before_writing(faces, tmp_path, capsys, bad, msg):
+    folder, caps, _ = faces
+    out = tmp_path / 'run'
+    assert main(['finetune', 'directional', '--data', str(folder), '--captions', str(caps), '--out', str(out), '--tiny', *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('ipfacediff: error:') and err.count('\n') == 1 and msg in err, err
+    assert not out.exists()
+
+def test_run_stopped_before_first_checkpoint_does_not_block(faces, tmp_path):
+    "A folder with only config.json / log.csv (a run that died before its first checkpoint) is started again; anything else still blocks."
+    out = tmp_path / 'u'
+    _ft(faces, out, mode='directional', steps=2)                        # built, never trained: config.json only
+    (out / 'log.csv').write_text('step,loss,part1,part2,t,lr,seconds\n1,0.5,0.3,0.2,101,0.002,1.0\n')
+    ft = _ft(faces, out, mode='directional', steps=2)                   # no --resume, no --overwrite
+    assert sorted(p.name for p in out.iterdir()) == ['config.json'] and ft.step == 0
+    assert _ft(faces, out, mode='directional', steps=2, resume=True).resume_from is None
+    ft.train(progress=False)                                            # finished: a checkpoint and the adapter
+    with pytest.raises(UserError, match='is not empty: pass --resume'): _ft(faces, out, mode='directional', steps=2)
+    user = tmp_path / 'mine'; user.mkdir(); (user / 'config.json').write_text('{}'); (user / 'notes.txt').write_text('x')
+    with pytest.raises(UserError, match='is not empty'): _ft(faces, user, mode='directional', steps=2)
+
+def test_cli_overwrite_deletes_nothing_on_bad_input(faces, tmp_path, capsys):
+    folder, caps, _ = faces
+    out = tmp_path / 'done'
+    _ft(faces, out, mode='directional', steps=1).train(progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    for bad in (['--device', 'tpu'], ['--data', str(tmp_path / 'missing')], ['--steps', '0']):
+        args = ['finetune', 'directional', '--data', str(folder), '--captions', str(caps), '--out', str(out), '--tiny', '--overwrite', *bad]
+        assert main(args) == 2, bad
+        assert capsys.readouterr().err.count('\n') == 1
+        assert sorted(p.name for p in out.iterdir()) == before, bad
