@@ -27,7 +27,7 @@ def _child_cpu() -> float:
 def first_run(tmp_path_factory):
     d = tmp_path_factory.mktemp('edit')
     cpu0 = _child_cpu()
-    r, secs = edit(SAMPLE, '--prompt', 'add glasses', '--tiny', '--out', str(d / 'out.mp4'), cache=d / 'cache')
+    r, secs = edit(SAMPLE, '--prompt', 'add glasses', '--tiny', '--out', str(d / 'out.mp4'), '--side-by-side', str(d / 'sbs.mp4'), cache=d / 'cache')
     assert r.returncode == 0, r.stderr
     return d, r, (secs, _child_cpu() - cpu0)
 
@@ -46,6 +46,13 @@ def test_keeps_the_format(first_run):
     out, oi = read_video(d / 'out.mp4', progress=False)
     assert out.shape == src.shape and oi.fps == si.fps and oi.n_frames == si.n_frames == 40
     assert oi.has_audio == si.has_audio
+    # the side-by-side: original | edited, same frames, fps and height
+    sbs, bi = read_video(d / 'sbs.mp4', progress=False)
+    assert f'wrote {d / "sbs.mp4"} (original | edited)' in r.stdout
+    assert sbs.shape == (40, src.shape[1], 2 * src.shape[2], 3) and bi.fps == si.fps
+    dist = lambda a, b: np.abs(a[:, 60:].astype(int) - b[:, 60:].astype(int)).mean()             # below the labels
+    left, right = sbs[:, :, :src.shape[2]], sbs[:, :, src.shape[2]:]
+    assert dist(right, out) < 0.5 * dist(right, src) and dist(left, src) < 0.5 * dist(left, out), (dist(right, out), dist(right, src))
 
 def test_background_untouched(first_run):
     d, _, _ = first_run
