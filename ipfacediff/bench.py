@@ -119,12 +119,12 @@ def nominal_peak(device) -> float | None:
 
 # %% ../nbs/12_bench.ipynb #82552f21
 class BenchTimer(StageTimer):
-    "`StageTimer` + per-stage peak RSS, CUDA peak allocation and UNet frame-rows (from `pipe.calls`)."
+    "`StageTimer` + per-stage peak RSS, CUDA peak allocation, UNet frame-rows (from `pipe.calls`) and rows the UNet was given (`pipe.forward_rows`)."
     def __init__(self, pipe: IPFaceDiffPipeline, interval: float = 0.002):
         super().__init__(cuda_sync='auto')
         import psutil
         self.pipe, self.proc, self.interval = pipe, psutil.Process(), interval
-        self.rss_peak, self.cuda_peak, self.unet_rows, self.cpu_seconds = {}, {}, {}, {}
+        self.rss_peak, self.cuda_peak, self.unet_rows, self.cpu_seconds, self.forward_rows = {}, {}, {}, {}, {}
         self.rss_start = self.proc.memory_info().rss
 
     @contextlib.contextmanager
@@ -132,6 +132,7 @@ class BenchTimer(StageTimer):
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda: torch.cuda.reset_peak_memory_stats()
         before, peak, stop = sum(self.pipe.calls.values()), [self.proc.memory_info().rss], threading.Event()
+        rows0 = getattr(self.pipe, 'forward_rows', 0)
         def sample():
             while not stop.wait(self.interval): peak[0] = max(peak[0], self.proc.memory_info().rss)
         th = threading.Thread(target=sample, daemon=True); th.start()
@@ -145,6 +146,7 @@ class BenchTimer(StageTimer):
             self.rss_peak[name] = max(self.rss_peak.get(name, 0), peak[0])
             if cuda: self.cuda_peak[name] = max(self.cuda_peak.get(name, 0), torch.cuda.max_memory_allocated())
             self.unet_rows[name] = self.unet_rows.get(name, 0) + sum(self.pipe.calls.values()) - before
+            self.forward_rows[name] = self.forward_rows.get(name, 0) + getattr(self.pipe, 'forward_rows', 0) - rows0
 
 # %% ../nbs/12_bench.ipynb #de359070
 def sample_frames(n: int) -> tuple[np.ndarray, float]:
@@ -173,7 +175,7 @@ def bench_run(pipe: IPFaceDiffPipeline, frames: np.ndarray, fps: float, cfg: Edi
         if name not in timer.seconds: continue
         s = timer.seconds[name]
         row = {'seconds': s, 's_per_frame': s / n, 'cpu_seconds': timer.cpu_seconds[name], 'unet_evals': timer.unet_rows.get(name, 0),
-               'peak_rss_mb': timer.rss_peak[name] / 2**20}
+               'unet_forward_rows': timer.forward_rows.get(name, 0), 'peak_rss_mb': timer.rss_peak[name] / 2**20}
         if name in timer.cuda_peak: row['cuda_peak_mb'] = timer.cuda_peak[name] / 2**20
         if name in net:
             fl = net[name]
@@ -189,7 +191,8 @@ def bench_run(pipe: IPFaceDiffPipeline, frames: np.ndarray, fps: float, cfg: Edi
     return {'frames': n, 'stages': stages, 'seconds': total, 's_per_frame': total / n, 'cpu_seconds': cpu, 'cpu_s_per_frame': cpu / n, 'flops': fl,
             'achieved_tflops': fl / total / 1e12, 'floor_s': fl / (peak_tflops * 1e12), 'floor_ratio': total / (fl / (peak_tflops * 1e12)),
             'unet_calls': counted, 'budget': {k: v for k, v in r.budget.items() if v}, 'budget_ok': counted == {k: v for k, v in r.budget.items() if v},
-            'unet_forwards': getattr(pipe, 'forwards', None), 'max_keyframe_group': getattr(pipe, 'max_keyframe_group', None),
+            'unet_forwards': getattr(pipe, 'forwards', None), 'unet_forward_rows': sum(timer.forward_rows.values()),
+            'max_keyframe_group': getattr(pipe, 'max_keyframe_group', None),
             'rss_start_mb': timer.rss_start / 2**20, 'rss_peak_mb': max(timer.rss_peak.values()) / 2**20,
             'rss_growth_mb': (max(timer.rss_peak.values()) - timer.rss_start) / 2**20, 'data_mb': data / 2**20}
 
@@ -240,9 +243,11 @@ def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', ch
     pipe.smoke = True
     if channels_last is None: channels_last = dev.type == 'cuda'
     if channels_last or compile: pipe.optimize(channels_last=channels_last, compile=compile)
-    pipe.forwards = 0
-    for u in {id(u): u for u in (pipe.eps1, pipe.eps2)}.values():
-        u.register_forward_pre_hook(lambda *a: setattr(pipe, 'forwards', pipe.forwards + 1))
+    pipe.forwards = pipe.forward_rows = 0
+    def seen(module, args, kwargs):                       # forwards, and the rows (frames) each one was given
+        x = args[0] if args else kwargs.get('sample')
+        pipe.forwards += 1; pipe.forward_rows += 0 if x is None else int(x.shape[0])
+    for u in {id(u): u for u in (pipe.eps1, pipe.eps2)}.values(): u.register_forward_pre_hook(seen, with_kwargs=True)
     return pipe
 
 def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: str = 'cpu', dtype: str | None = None,
@@ -255,12 +260,16 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
     if any(n < 1 for n in frames): raise UserError(f"--frames must be at least 1, got {min(frames)}")
     if repeat < 1: raise UserError(f"--repeat must be at least 1, got {repeat}")
     if config not in CONFIGS: raise UserError(f"unknown --config {config!r}: use one of {', '.join(CONFIGS)}")
+    for flag, v in (('--steps', steps), ('--inversion-steps', inversion_steps), ('--threads', threads)):
+        if v is not None and v < 1: raise UserError(f"{flag} must be at least 1, got {v}")   # never a silent fallback to the default
+    if size is not None and (size < 64 or size % 64):
+        raise UserError(f"--size must be a positive multiple of 64 (e.g. 128 or 512), got {size}")
     dev = resolve_device(device)
-    if threads: torch.set_num_threads(threads)
     d = DEFAULTS[config]
-    cfg = EditConfig('add sunglasses and a beard', size=size or d['size'], steps=steps or d['steps'],
-                     inversion_steps=inversion_steps or (steps if steps else d['inversion_steps']), seed=seed,
-                     keyframe_window=keyframe_window).validate()
+    cfg = EditConfig('add sunglasses and a beard', size=d['size'] if size is None else size, steps=d['steps'] if steps is None else steps,
+                     inversion_steps=inversion_steps if inversion_steps is not None else (steps if steps is not None else d['inversion_steps']),
+                     seed=seed, keyframe_window=keyframe_window).validate()
+    if threads: torch.set_num_threads(threads)
     pipe = make_pipeline(config, dev, dtype, branches, channels_last, compile, seed, progress)
     peak = measured_peak(dev, pipe.c.dtype)
     meta = sd21_components('meta') if config == 'sd21' else build_components('tiny', 'cpu')
@@ -347,7 +356,12 @@ def plot_table2(tiny: dict, gpu: dict | None = None, ax=None):
 # %% ../nbs/12_bench.ipynb #5c1f770b
 def run_bench(a) -> dict:
     "The `ipfacediff bench` command."
-    if a.json and Path(a.json).exists() and not a.overwrite: raise UserError(f"{a.json} already exists: choose another --json path or pass --overwrite")
+    if a.json:                                   # checked now, not after minutes of benchmark
+        j = Path(a.json)
+        if j.is_dir(): raise UserError(f"--json {j} is a folder: give a file path for the report")
+        if j.exists() and not a.overwrite: raise UserError(f"{j} already exists: choose another --json path or pass --overwrite")
+        if not (j.parent if str(j.parent) else Path('.')).is_dir():
+            raise UserError(f"the folder {j.parent} does not exist: create it first or choose another --json path")
     kw = 0 if a.keyframe_window == 0 else a.keyframe_window
     rep = bench(a.config, a.frames, a.size, a.device, a.dtype, a.steps, a.inversion_steps, a.repeat, a.branches,
                 None if kw == 0 else kw, a.channels_last, (a.compile_backend or True) if a.compile else False,

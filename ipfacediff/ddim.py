@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['EpsFn', 'scaled_linear_betas', 'alphas_cumprod', 'q_step', 'q_sample', 'predict_x0', 'ddim_timesteps', 'ddim_step',
-           'alphas_cumprod_sd', 'ddim_invert', 'ddim_sample', 'ddim_demo', 'add_cli']
+__all__ = ['EpsFn', 'DEMO_FORMATS', 'scaled_linear_betas', 'alphas_cumprod', 'q_step', 'q_sample', 'predict_x0', 'ddim_timesteps',
+           'ddim_step', 'alphas_cumprod_sd', 'ddim_invert', 'ddim_sample', 'check_demo_args', 'ddim_demo', 'add_cli']
 
 # %% ../nbs/00_ddim.ipynb #e4ae0c26
 def scaled_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
@@ -85,8 +85,27 @@ def ddim_sample(z_T: torch.Tensor, eps_fn, num_steps: int = 50, alphas_cumprod: 
     return z
 
 # %% ../nbs/00_ddim.ipynb #7e6535d5
+DEMO_FORMATS = ('png', 'pdf', 'svg', 'jpg', 'jpeg')
+
+def check_demo_args(out, steps, overwrite: bool = False):
+    "The `ddim-demo` settings, checked before any work: a `UserError` that says what to change, else `(Path(out), steps)`."
+    import operator
+    from pathlib import Path
+    from ipfacediff.utils import UserError, _check_target
+    last = len(scaled_linear_betas()) - 1                                # 999: one step more would need t = 1000
+    try: n = None if isinstance(steps, bool) else operator.index(steps)  # ints, NumPy ints; not 2.5 or '3'
+    except TypeError: n = None
+    if n is None or not 1 <= n <= last: raise UserError(f"--steps must be between 1 and {last}, got {steps}")
+    out = Path(out)
+    if out.suffix.lower().lstrip('.') not in DEMO_FORMATS:
+        raise UserError(f"--out {out} is not an image file matplotlib writes: give a name ending in "
+                        f"{', '.join('.' + f for f in DEMO_FORMATS[:-2])} or .jpg")
+    _check_target(out, overwrite, want_dir=False)                       # exists without --overwrite, or no such folder
+    return out, n
+
 def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
     "Plot ᾱ_t and a real face under q(y_t|y_0) to `out`; return the relative round-trip error with N(0, I) data and its analytic ε*."
+    out, steps = check_demo_args(out, steps, overwrite)
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from skimage.data import astronaut
@@ -112,8 +131,8 @@ def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
 
 def add_cli(sub):
     p = sub.add_parser('ddim-demo', help='plot the noise schedule and check a DDIM round trip (no weights needed)')
-    p.add_argument('--out', default='ddim-demo.png', help='PNG to write')
-    p.add_argument('--steps', type=int, default=50)
+    p.add_argument('--out', default='ddim-demo.png', help='image to write (.png, .pdf, .svg or .jpg)')
+    p.add_argument('--steps', type=int, default=50, help='DDIM steps of the round trip (1 … 999)')
     p.add_argument('--overwrite', action='store_true')
     def run(a):
         err = ddim_demo(a.out, a.steps, a.overwrite)

@@ -17,7 +17,7 @@ __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'face_crops', 'cosine_dis
            'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics', 'raft_available',
            'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id', 'clip_direction_score',
            'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
-           'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate', 'add_cli']
+           'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -604,8 +604,17 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     timer = timer or StageTimer()
     out = Path(out)
     if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder path for the report")
     if not (out.parent if str(out.parent) else Path('.')).is_dir():
         raise UserError(f"the folder {out.parent} does not exist: create it first or choose another --out")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UserError(f"--batch-size must be a whole number of at least 1, got {batch_size}")
+    if fps is not None and not (isinstance(fps, (int, float, np.number)) and math.isfinite(fps) and fps > 0):
+        raise UserError(f"--fps must be a number above 0 (the paper: 10), got {fps}")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1):
+        raise UserError(f"--max-frames must be a whole number of at least 1, got {max_frames}")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"--cache-dir {cache_dir} is a file: give a folder for the embedding cache")
     if rank_metric not in ('cosine', 'euclidean'): raise UserError(f"unknown --rank-metric {rank_metric!r}: use cosine or euclidean")
     if flow not in FLOW_METHODS: raise UserError(f"unknown --flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")
     if clip is not None and not (prompt and source_prompt):
@@ -621,10 +630,14 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             while m in methods: m, k = f'{base}_{k}', k + 1
             items = list_media(d)
             missing = [n for n in items if n not in originals]
+            if missing and Path(original).is_file():
+                raise UserError(f"--original {original} is a single file, not a folder of videos: put the originals in a folder "
+                                f"and pass that (edits are paired with the originals by file name)")
             if missing:
                 raise UserError(f"{len(missing)} edited item(s) in {d} have no original of the same name in {original}: "
                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (items are paired by file name without extension)")
             methods[m] = items
+        gallery_items = list_media(gallery) if gallery is not None else {}
     with timer('load recognizers'): embs = _parse_recognizers(recognizers)
     recs = list(embs)
     if clip is not None and isinstance(clip, (str, os.PathLike)):
@@ -649,7 +662,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         # an original that is also in the gallery (CelebV-HQ's 50 test videos are among its 35 000) would tie with
         # itself and push every true match to rank 2: such copies are left out, each original is ranked once
         orig_hashes, copies = set(orig_hash.values()), 0
-        for n, p in tqdm(list_media(gallery).items(), desc='gallery', disable=not progress):
+        for n, p in tqdm(gallery_items.items(), desc='gallery', disable=not progress):
             h = content_hash(p)                       # hashed once: also the embedding cache's key
             if h in orig_hashes: copies += 1; continue
             with timer('gallery embeddings'):
@@ -775,6 +788,13 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     return res
 
 # %% ../nbs/10_metrics.ipynb #90f87cc6
+def check_folder(path, flag: str, what: str) -> Path:
+    "A `UserError` unless `path` (given as `flag`) is an existing folder; `what` says what it should hold."
+    p = Path(path)
+    if not p.exists(): raise UserError(f"{flag} {p} does not exist: give the folder of {what}")
+    if not p.is_dir(): raise UserError(f"{flag} {p} is a file: {flag} must be a folder of videos (give the folder of {what})")
+    return p
+
 def add_cli(subparsers):
     "`ipfacediff evaluate`: Tables 1 and 3 for original/edited video pairs."
     p = subparsers.add_parser('evaluate', help="identity (cos. distance, R@1, MRR) and temporal (warp error) metrics of edited videos",
@@ -797,6 +817,9 @@ def add_cli(subparsers):
     p.add_argument('--overwrite', action='store_true')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     def run(a):
+        check_folder(a.original, '--original', 'the original videos')
+        for d in a.edited: check_folder(d, '--edited', 'edited videos')
+        if a.gallery is not None: check_folder(a.gallery, '--gallery', 'gallery videos')
         res = evaluate(a.original, a.edited, a.out, gallery=a.gallery, recognizers=a.recognizers, rank_metric=a.rank_metric,
                        flow=a.flow, occlusion_mask=a.occlusion_mask, fps=a.fps, max_frames=a.max_frames, clip=a.clip,
                        prompt=a.prompt, source_prompt=a.source_prompt, cache_dir=a.cache_dir, batch_size=a.batch_size,

@@ -14,10 +14,40 @@ def cli(*args, timeout=300):
     "`ipfacediff bench ARGS` in a subprocess, one torch thread."
     return run_cli('bench', *args, env={'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}, timeout=timeout)[0]
 
-def test_tiny_bench_json(tmp_path):
+class _RowSpy:
+    "Rows (frames) given to the UNet modules, per bench stage: forward pre-hooks of its own on the real UNets, apart from bench's and the pipeline's counters."
+    def __init__(self, monkeypatch):
+        import contextlib
+        from collections import Counter
+        import ipfacediff.bench as B
+        self.runs, stages, spy = [], [], self
+        class Timer(B.BenchTimer):                      # one per timed run; the warm-up runs without one
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k); spy.runs.append(Counter())
+            @contextlib.contextmanager
+            def __call__(self, name):
+                stages.append(name)
+                try:
+                    with super().__call__(name): yield self
+                finally: stages.pop()
+        make = B.make_pipeline
+        def make_pipeline(*a, **k):
+            pipe = make(*a, **k)
+            def rows(module, args, kwargs):
+                x = args[0] if args else kwargs['sample']
+                for st in stages: spy.runs[-1][st] += x.shape[0]
+            for u in {id(u): u for u in (pipe.eps1, pipe.eps2)}.values(): u.register_forward_pre_hook(rows, with_kwargs=True)
+            return pipe
+        monkeypatch.setattr(B, 'BenchTimer', Timer); monkeypatch.setattr(B, 'make_pipeline', make_pipeline)
+
+def test_tiny_bench_json(tmp_path, capsys, monkeypatch):
+    "`ipfacediff bench` in this process (so that the UNet can be watched): the report, and the UNet rows checked on the modules."
+    from ipfacediff.cli import main
+    spy = _RowSpy(monkeypatch)
     out = tmp_path / 'b.json'
-    r = cli('--config', 'tiny', '--frames', '16', '--size', '128', '--json', str(out))
-    assert r.returncode == 0, r.stderr
+    rc = main(['bench', '--config', 'tiny', '--frames', '16', '--size', '128', '--json', str(out)])
+    r = capsys.readouterr()
+    assert rc == 0, r.err
     rep = json.loads(out.read_text())
     run = rep['runs'][0]
     assert run['frames'] == 16 and STAGES <= set(run['stages'])
@@ -32,7 +62,34 @@ def test_tiny_bench_json(tmp_path):
         st = run['stages'][s]
         assert st['achieved_tflops'] > 0 and st['floor_ratio'] >= 1 and abs(st['floor_ratio'] - st['seconds'] / st['floor_s']) < 1e-9
     assert rep['peak_tflops_measured'] > 0 and rep['commit'] and rep['date'] and len(rep['load_avg']) == 3
-    assert '16 frames' in r.stdout and '= budget' in r.stdout
+    assert '16 frames' in r.out and '= budget' in r.out
+    # what the UNet really computed in the timed run, counted on the modules by this test's own hooks:
+    # per stage, equal to the pipeline's count, to bench's own module count, and to the budget worked out by hand
+    assert len(spy.runs) == 1
+    seen = {k: v for k, v in spy.runs[0].items() if v}
+    assert seen == {'inversion': 160, 'edit': 320 + 40 + 144}                         # S·N; 2S·N + 2S·K + S_src·(N + K)
+    assert seen == {s: st['unet_evals'] for s, st in run['stages'].items() if st['unet_evals']}
+    assert seen == {s: st['unet_forward_rows'] for s, st in run['stages'].items() if st['unet_forward_rows']}
+    assert sum(seen.values()) == sum(run['budget'].values()) == run['unet_forward_rows']
+
+def test_bench_work_is_linear_in_the_frames(monkeypatch):
+    "UNet rows per frame, counted on the modules, at 16 and 64 frames: equal up to the keyframe term (the work behind flat s/frame)."
+    from ipfacediff.bench import bench
+    from ipfacediff.pipeline import EditConfig
+    torch.set_num_threads(1)
+    spy = _RowSpy(monkeypatch)
+    rep = bench('tiny', frames=[16, 64], size=64, steps=3, inversion_steps=3, keyframe_window=4, write=False, warmup=False, log=lambda *a: None)
+    per_frame = {r['frames']: {s: n / r['frames'] for s, n in rows.items() if n} for r, rows in zip(rep['runs'], spy.runs)}
+    B, S = EditConfig('x').batch_size, 3
+    K = lambda n: -(-n // B)                                  # one keyframe per batch of 8 frames
+    assert per_frame[16]['inversion'] == per_frame[64]['inversion'] == S
+    # guidance 2S and the source rows per frame, plus ≤ 3S per keyframe: rows per frame may differ by ≤ 3S·|K64/64 − K16/16| (= 0)
+    assert abs(per_frame[64]['edit'] - per_frame[16]['edit']) <= 3 * S * abs(K(64) / 64 - K(16) / 16)
+    assert 2 * S < per_frame[16]['edit'] <= 3 * S * (1 + 1 / B)
+    # the keyframes held together stop at the window: 2 of 2 at 16 frames, 4 (not 8) at 64
+    assert [r['max_keyframe_group'] for r in rep['runs']] == [min(K(16), 4), min(K(64), 4)] == [2, 4]
+    r16, r64 = rep['runs']
+    assert r64['rss_growth_mb'] <= r16['rss_growth_mb'] + (r64['data_mb'] - r16['data_mb']) + 64
 
 def test_sd21_size_and_flops_on_meta():
     from ipfacediff.bench import sd21_components, count_flops, n_params
@@ -97,13 +154,31 @@ def test_adapter_branches_share_forwards():
     assert ad['runs'][0]['budget_ok'] and sep['runs'][0]['budget_ok']
     assert ad['runs'][0]['unet_calls'] == sep['runs'][0]['unet_calls']
     assert ad['runs'][0]['unet_forwards'] < sep['runs'][0]['unet_forwards']
+    # fewer forwards, the same rows: what the UNet modules were given adds up to the budget either way
+    for r in (ad['runs'][0], sep['runs'][0]): assert r['unet_forward_rows'] == sum(r['budget'].values())
 
 @pytest.mark.parametrize('args, msg', [(['--frames', '0'], 'at least 1'),
                                        (['--device', 'cuda'], 'no CUDA GPU'),
-                                       (['--size', '100'], 'multiple of 64')])
-def test_bad_input_exits_2(args, msg, capsys):
-    if args[0] == '--device' and torch.cuda.is_available(): pytest.skip('a GPU is present')
+                                       (['--size', '100'], 'multiple of 64'),
+                                       (['--steps', '0'], '--steps must be at least 1, got 0'),
+                                       (['--inversion-steps', '-1'], '--inversion-steps must be at least 1, got -1'),
+                                       (['--threads', '0'], '--threads must be at least 1, got 0'),
+                                       (['--size', '0'], '--size must be a positive multiple of 64'),
+                                       (['--device', 'tpu'], "unknown device 'tpu'"),
+                                       (['--json', '{tmp}/nodir/b.json'], 'does not exist: create it first'),
+                                       (['--json', '{tmp}/old.json'], '--overwrite'),
+                                       (['--json', '{tmp}'], 'is a folder')])
+def test_bad_input_exits_2(args, msg, capsys, monkeypatch, tmp_path):
+    "One line, exit code 2, before anything is built (a bad value is never replaced by the default), nothing written."
+    if args[0] == '--device' and args[1] == 'cuda' and torch.cuda.is_available(): pytest.skip('a GPU is present')
+    import ipfacediff.bench as B
     from ipfacediff.cli import main
-    rc = main(['bench', *args])
+    built = []
+    monkeypatch.setattr(B, 'make_pipeline', lambda *a, **k: built.append(1))
+    (tmp_path / 'old.json').write_text('{}')
+    threads = torch.get_num_threads()
+    rc = main(['bench', '--frames', '2', *[a.format(tmp=tmp_path) for a in args]])
     err = capsys.readouterr().err
-    assert rc == 2 and msg in err and err.strip().count('\n') == 0
+    assert rc == 2 and msg in err and err.strip().count('\n') == 0, err
+    assert built == [] and torch.get_num_threads() == threads
+    assert [p.name for p in tmp_path.iterdir()] == ['old.json'] and (tmp_path / 'old.json').read_text() == '{}'

@@ -60,9 +60,18 @@ def test_35k_gallery_ranks_in_seconds():
     G = rng.normal(size=(35_000, 512)).astype(np.float32)
     t = rng.integers(0, 35_000, 200)
     Q = G[t] + 0.5 * rng.normal(size=(200, 512)).astype(np.float32)
-    t0 = time.perf_counter(); r = M.rank_of_truth(Q, G, t); dt = time.perf_counter() - t0
-    print(f'200 queries x 35000 gallery: {dt:.2f} s')
-    assert dt < 10 and M.recall_at_1(r) == 1.0
+    # process CPU time on one torch thread: what the ranking costs, not how busy the shared machine is
+    nt = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        c0 = time.process_time(); torch.as_tensor(Q, dtype=torch.float64) @ torch.as_tensor(G, dtype=torch.float64).T
+        cpu_mm = time.process_time() - c0                  # the one product any ranking has to compute
+        t0, c0 = time.perf_counter(), time.process_time(); r = M.rank_of_truth(Q, G, t)
+        cpu, dt = time.process_time() - c0, time.perf_counter() - t0
+    finally: torch.set_num_threads(nt)
+    print(f'200 queries x 35000 gallery: {cpu:.2f} s CPU ({dt:.2f} s wall), the bare product {cpu_mm:.2f} s CPU')
+    assert M.recall_at_1(r) == 1.0
+    assert cpu >= 0.5 * cpu_mm                              # the timed call did the work (no stale or lazy result)
+    assert cpu < min(10, 8 * cpu_mm + 1)                    # and little besides: no Python loop over the gallery items
 
 
 def test_cosine_distance():
@@ -123,7 +132,8 @@ def test_build_gallery_uses_the_cache(tmp_path, people, dlib_emb):
         with pytest.warns(UserWarning):
             g2 = M.build_gallery(g, dlib_emb, cache_dir=tmp_path / 'cache', progress=False)
     finally: M.face_crops = orig
-    assert g2.stats.cached == 2 and g2.stats.computed == 1 and len(calls) == 1   # only the faceless item is retried
+    # every item comes from the cache, the faceless one too: its 'no face' is remembered and not searched again (bd63317)
+    assert g2.stats.cached == 3 and g2.stats.computed == 0 and len(calls) == 0 and g2.skipped == ['blank']
     np.testing.assert_allclose(g1.embeddings, g2.embeddings)
     with pytest.raises(UserError, match='holds no videos'):
         (tmp_path / 'empty').mkdir(); M.build_gallery(tmp_path / 'empty', dlib_emb)
@@ -189,6 +199,40 @@ def test_clip_direction_score_tiny_clip_and_missing_weights(frames):
     assert -1 <= s <= 1
     with pytest.raises(UserError, match='could not load CLIP'):
         M.clip_direction_score(small, small, 'a', 'b', clip='/nonexistent/clip')
+
+
+def test_evaluate_checks_settings_before_any_work(tmp_path, capsys, monkeypatch):
+    "Bad numbers, a missing output parent, inputs that are not folders: one line, exit 2, no video opened, nothing written."
+    from ipfacediff.cli import main
+    for d, n in (('orig', 'clip'), ('edited', 'clip')):
+        (tmp_path / d).mkdir(); (tmp_path / d / f'{n}.mp4').write_bytes(b'never decoded')
+    opened = []
+    monkeypatch.setattr(M, 'load_media', lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(M, 'embed_media', lambda *a, **k: opened.append(a))
+    before = sorted(tmp_path.rglob('*'))
+    base = {'--original': tmp_path / 'orig', '--edited': tmp_path / 'edited', '--out': tmp_path / 'rep'}
+    cases = [({'--batch-size': 0}, '--batch-size must be a whole number of at least 1, got 0'),
+             ({'--batch-size': -2}, 'got -2'),
+             ({'--fps': 0}, '--fps must be a number above 0'), ({'--fps': -5}, 'got -5.0'), ({'--fps': 'nan'}, 'got nan'),
+             ({'--max-frames': 0}, '--max-frames must be a whole number of at least 1, got 0'),
+             ({'--out': tmp_path / 'nodir' / 'rep'}, f"the folder {tmp_path / 'nodir'} does not exist: create it first"),
+             ({'--out': tmp_path / 'orig' / 'clip.mp4', '--overwrite': None}, 'is a file: give a folder path'),
+             ({'--cache-dir': tmp_path / 'orig' / 'clip.mp4'}, '--cache-dir'),
+             ({'--original': tmp_path / 'orig' / 'clip.mp4'}, f"--original {tmp_path / 'orig' / 'clip.mp4'} is a file: --original must be a folder of videos"),
+             ({'--original': tmp_path / 'nodir'}, f"--original {tmp_path / 'nodir'} does not exist"),
+             ({'--edited': tmp_path / 'nodir'}, f"--edited {tmp_path / 'nodir'} does not exist"),
+             ({'--gallery': tmp_path / 'nogallery'}, f"--gallery {tmp_path / 'nogallery'} does not exist")]
+    for kw, msg in cases:
+        argv = ['evaluate', '--quiet']
+        for k, v in {**base, **kw}.items(): argv += [k] if v is None else [k, str(v)]
+        capsys.readouterr()
+        assert main(argv, commands={'evaluate': ('ipfacediff.metrics', 'evaluate')}) == 2, kw
+        err = capsys.readouterr().err
+        assert msg in err and err.strip().count('\n') == 0, (kw, err)
+    # through the API a missing gallery is found while the inputs are listed, before any original is embedded
+    with pytest.raises(UserError, match='no such folder'):
+        M.evaluate(tmp_path / 'orig', tmp_path / 'edited', tmp_path / 'rep', gallery=tmp_path / 'nogallery', progress=False)
+    assert opened == [] and sorted(tmp_path.rglob('*')) == before
 
 
 def test_stage_timer():
