@@ -236,13 +236,19 @@ def side_by_side(original, edited, labels=('original', 'edited'), gap: int = 0) 
         row = [o, np.zeros((o.shape[0], gap, 3), np.uint8), e] if gap else [o, e]
         row = np.concatenate(row, axis=1)
         if labels:
-            s = max(0.5, o.shape[0] / 400)
             for txt, x in zip(labels, (0, o.shape[1] + gap)):
-                if txt:
-                    cv2.putText(row, txt, (x + int(10 * s), int(30 * s)), cv2.FONT_HERSHEY_SIMPLEX, s, (0, 0, 0), max(1, int(4 * s)), cv2.LINE_AA)
-                    cv2.putText(row, txt, (x + int(10 * s), int(30 * s)), cv2.FONT_HERSHEY_SIMPLEX, s, (255, 255, 255), max(1, int(2 * s)), cv2.LINE_AA)
+                if txt: _label(row, txt, x, max(0.5, o.shape[0] / 400))
         out.append(row)
     return np.stack(out)
+
+def _label(img, txt: str, x: int, s: float):
+    "White text on a black box at the top left of the panel starting at column `x` (a box, not an outline:"
+    "OpenCV ≥ 5 draws thicker strokes wider, so a thick black copy under the text would stick out)."
+    font, th, pad = cv2.FONT_HERSHEY_SIMPLEX, max(1, round(2 * s)), max(2, round(6 * s))
+    (w, h), base = cv2.getTextSize(txt, font, s, th)
+    x0, y0 = x + round(8 * s), round(8 * s)
+    cv2.rectangle(img, (x0, y0), (x0 + w + 2 * pad, y0 + h + base + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(img, txt, (x0 + pad, y0 + pad + h), font, s, (255, 255, 255), th, cv2.LINE_AA)
 
 def write_side_by_side(path, original, edited, fps, labels=('original', 'edited'), gap: int = 0,
                        audio_from=None, audio_start: float = 0.0, overwrite: bool = False, progress: bool = True) -> Path:

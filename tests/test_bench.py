@@ -76,9 +76,10 @@ def test_bench_work_is_linear_in_the_frames(monkeypatch):
     "UNet rows per frame, counted on the modules, at 16 and 64 frames: equal up to the keyframe term (the work behind flat s/frame)."
     from ipfacediff.bench import bench
     from ipfacediff.pipeline import EditConfig
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
     spy = _RowSpy(monkeypatch)
-    rep = bench('tiny', frames=[16, 64], size=64, steps=3, inversion_steps=3, keyframe_window=4, write=False, warmup=False, log=lambda *a: None)
+    try: rep = bench('tiny', frames=[16, 64], size=64, steps=3, inversion_steps=3, keyframe_window=4, write=False, warmup=False, log=lambda *a: None)
+    finally: torch.set_num_threads(threads)           # the later tests keep the suite's thread count
     per_frame = {r['frames']: {s: n / r['frames'] for s, n in rows.items() if n} for r, rows in zip(rep['runs'], spy.runs)}
     B, S = EditConfig('x').batch_size, 3
     K = lambda n: -(-n // B)                                  # one keyframe per batch of 8 frames
