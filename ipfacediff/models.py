@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #671c1991
 from __future__ import annotations
-import copy, json, os
+import contextlib, copy, json, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -122,6 +122,13 @@ def check_scheduler(sched, model: str = 'the model') -> None:
     if c.num_train_timesteps != 1000 or len(sched.alphas_cumprod) != 1000:
         raise UserError(f"{model} was trained with {c.num_train_timesteps} timesteps; ipfacediff's DDIM grid needs 1000 (as Stable Diffusion's)")
 
+@contextlib.contextmanager
+def _hub_quiet():
+    "Silence the hub's deprecation notice that diffusers triggers on every lookup (noise before our one-line error)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*local_dir_use_symlinks.*')
+        yield
+
 def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDComponents:
     "Load SD's parts from a hub id or a local folder; a `UserError` naming what is missing if it fails."
     model = str(model)
@@ -139,9 +146,11 @@ def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDC
                    tokenizer=lambda: CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'))
     parts = {}
     for name, load in loaders.items():
-        try: parts[name] = load()
+        try:
+            with _hub_quiet(): parts[name] = load()
         except (OSError, ValueError, EnvironmentError) as e: raise _missing_weights(model, name, e) from None
-    try: sched = DDIMScheduler.from_pretrained(model, subfolder='scheduler')
+    try:
+        with _hub_quiet(): sched = DDIMScheduler.from_pretrained(model, subfolder='scheduler')
     except (OSError, ValueError): sched = make_scheduler()
     check_scheduler(sched, model)
     return SDComponents(**parts, scheduler=sched, source=model).to(device).eval()
@@ -170,7 +179,8 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
     sub = 'unet' if (p / 'unet').is_dir() else None
     if p.exists() and not p.is_dir(): raise UserError(f"{name} {p} is a file: pass a UNet folder, a LoRA adapter folder or a hub id")
     if not p.exists() and str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
-    try: m = UNet2DConditionModel.from_pretrained(str(p) if p.exists() else str(spec), subfolder=sub, torch_dtype=dt)
+    try:
+        with _hub_quiet(): m = UNet2DConditionModel.from_pretrained(str(p) if p.exists() else str(spec), subfolder=sub, torch_dtype=dt)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {name} {spec} ({type(e).__name__}): pass a UNet folder (config.json + weights), a LoRA adapter folder, or a cached hub id") from None
     return m.to(dev).eval().requires_grad_(False)
