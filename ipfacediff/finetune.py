@@ -554,7 +554,7 @@ def add_cli(sub):
     p.add_argument('--num-workers', type=int, default=d.num_workers)
     p.add_argument('--device', default=d.device)
     p.add_argument('--tensorboard', action='store_true')
-    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--quiet', '--no-progress', dest='no_progress', action='store_true', help='no progress bar (the name the other commands use)')
     def run(a):
         cfg = config_from_args(a)
         ft = Finetuner(cfg, resume=a.resume or False, overwrite=a.overwrite)
