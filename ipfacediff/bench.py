@@ -186,7 +186,7 @@ def bench_run(pipe: IPFaceDiffPipeline, frames: np.ndarray, fps: float, cfg: Edi
     fl = sum(v.get('flops', 0) for v in stages.values())
     counted = {k: v for k, v in r.unet_calls.items() if v}
     data = frames.nbytes * 2 + r.crops.nbytes * 2 + sum(n * 4 * (cfg.size // pipe.c.vae_scale) ** 2 * 4 * k
-                                                      for k in (3, cfg.inversion_steps))   # frames, crops, z0/z/new, trajectory
+                                                      for k in (3, cfg.steps))   # frames, crops, z0/z/new, trajectory (z_t at the editing steps, float32)
     cpu = sum(v['cpu_seconds'] for v in stages.values())
     return {'frames': n, 'stages': stages, 'seconds': total, 's_per_frame': total / n, 'cpu_seconds': cpu, 'cpu_s_per_frame': cpu / n, 'flops': fl,
             'achieved_tflops': fl / total / 1e12, 'floor_s': fl / (peak_tflops * 1e12), 'floor_ratio': total / (fl / (peak_tflops * 1e12)),
