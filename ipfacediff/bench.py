@@ -8,7 +8,7 @@ import contextlib, copy, datetime, json, os, platform, statistics, subprocess, t
 from collections import Counter
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype
+from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype, seeded
 from .models import SDComponents, move, tiny_components, tiny_tokenizer, make_scheduler
 from .metrics import StageTimer
 from .pipeline import IPFaceDiffPipeline, EditConfig, unet_budget, AdapterRows
@@ -219,10 +219,10 @@ def _git_commit() -> str:
 def random_adapter_pair(unet, rank: int = 16, seed: int = 0):
     "Two random LoRA adapters ('eps1', 'eps2') on `unet`'s attention projections, in place; returns the UNet."
     from peft import LoraConfig, get_peft_model
-    torch.manual_seed(seed)
     lc = lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=['to_q', 'to_k', 'to_v', 'to_out.0'], init_lora_weights=False)
     dev, dt = unet.device, unet.dtype
-    pm = get_peft_model(unet, lc(), adapter_name='eps1'); pm.add_adapter('eps2', lc())
+    with seeded(seed, dev):
+        pm = get_peft_model(unet, lc(), adapter_name='eps1'); pm.add_adapter('eps2', lc())
     return move(pm.base_model.model, dev, dt).eval().requires_grad_(False)
 
 def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', channels_last=None, compile=False, seed=0,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .utils import UserError, resolve_device
+from .utils import UserError, resolve_device, seeded
 from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
@@ -194,16 +194,6 @@ def _set_rng_state(st: dict):
     torch.set_rng_state(st['torch']); np.random.set_state(st['numpy']); random.setstate(st['python'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
-@contextlib.contextmanager
-def _seeded(seed: int, device):
-    "torch's global RNG (CPU, and `device`'s if CUDA) seeded with `seed` inside; the caller's RNG state is restored after."
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if torch.device(device).type == 'cuda' else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        for i in cuda:
-            with torch.cuda.device(i): torch.cuda.manual_seed(seed)
-        yield
-
 _RUN_FILES = ('config.json', 'log.csv', 'tensorboard', 'checkpoints')   # what a run writes before its first checkpoint
 
 def _unstarted(out: Path) -> bool:
@@ -241,7 +231,7 @@ class Finetuner:
         for m in (comps.vae, comps.text_encoder): move(m, dev, wdt).eval().requires_grad_(False)
         unet = move(comps.unet, dev, torch.float32)
         if cfg.lora:   # adapters injected into the UNet itself (a PeftModel wrapper costs ~5× per tiny forward)
-            with _seeded(cfg.seed, dev):             # lora_A's Kaiming init draws from torch's global RNG
+            with seeded(cfg.seed, dev):             # lora_A's Kaiming init draws from torch's global RNG
                 unet.requires_grad_(False).add_adapter(_lora_config(cfg))
             for n, p in unet.named_parameters(): p.requires_grad_('lora_' in n)
             self.model, self.base = unet, None     # the frozen base = the UNet with adapters disabled

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .utils import UserError, resolve_device
+from .utils import UserError, resolve_device, seeded
 
 # %% auto #0
 __all__ = ['OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'DEFAULT_CLIP', 'HAS_OPEN_CLIP', 'NADA_TEMPLATES', 'cosine_distance',
@@ -135,14 +135,14 @@ def tiny_clip(seed: int = 0, hidden: int = 32, image_size: int = 32) -> ClipEnco
     from transformers import CLIPConfig, CLIPModel
     from ipfacediff.models import tiny_tokenizer
     tok = tiny_tokenizer()
-    torch.manual_seed(seed)
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
                                       num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
                      vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=2,
                                         image_size=image_size, patch_size=8),
                      projection_dim=hidden)
-    return ClipEncoder(CLIPModel(cfg), tok, name=f'tiny_clip(seed={seed})')
+    with seeded(seed): model = CLIPModel(cfg)
+    return ClipEncoder(model, tok, name=f'tiny_clip(seed={seed})')
 
 # %% ../nbs/04_losses.ipynb #76c6637f
 NADA_TEMPLATES = ('a photo of {}.', 'a close-up photo of {}.', 'a cropped photo of {}.', 'a good photo of {}.',

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from .utils import UserError, data_path, resolve_device, resolve_dtype
+from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
@@ -71,17 +71,17 @@ def tiny_tokenizer() -> CLIPTokenizer:
 def tiny_components(seed: int = 0, hidden: int = 32, channels=(16, 16, 32, 32)) -> SDComponents:
     "Randomly initialised tiny models of SD 2.1's classes and layout; deterministic in `seed`."
     tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=channels, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
-        down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-        up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, cross_attention_dim=hidden)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=128, scaling_factor=0.18215)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77, hidden_act='gelu',
-        projection_dim=hidden, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    with seeded(seed):                      # the weights depend on `seed` alone; the caller's RNG is left as it was
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=channels, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+            down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+            up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, cross_attention_dim=hidden)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=128, scaling_factor=0.18215)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77, hidden_act='gelu',
+            projection_dim=hidden, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     return SDComponents(unet, vae, text, tok, make_scheduler(), source=f'tiny(seed={seed})').eval()
 
 # %% ../nbs/01_models.ipynb #77695a24

@@ -10,7 +10,7 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'cpu_workers', 'resolve_device', 'resolve_dtype',
-           'seed_everything']
+           'seed_everything', 'seeded']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -114,3 +114,14 @@ def seed_everything(seed: int) -> torch.Generator:
     "Seed Python, NumPy and torch; return a CPU `torch.Generator` seeded the same way."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+@contextlib.contextmanager
+def seeded(seed: int, device='cpu'):
+    "torch's global RNG (CPU, and `device`'s if CUDA) seeded with `seed` inside the block; the caller's RNG state is restored after."
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for i in cuda:
+            with torch.cuda.device(i): torch.cuda.manual_seed(seed)
+        yield
