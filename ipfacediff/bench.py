@@ -225,7 +225,7 @@ def random_adapter_pair(unet, rank: int = 16, seed: int = 0):
         pm = get_peft_model(unet, lc(), adapter_name='eps1'); pm.add_adapter('eps2', lc())
     return move(pm.base_model.model, dev, dt).eval().requires_grad_(False)
 
-def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', channels_last=None, compile=False, seed=0,
+def make_pipeline(config='tiny', device='auto', dtype=None, branches='shared', channels_last=None, compile=False, seed=0,
                   progress: bool = False) -> IPFaceDiffPipeline:
     "A pipeline of random `config` networks for benchmarking (see `bench`)."
     dev = resolve_device(device)
@@ -250,7 +250,7 @@ def make_pipeline(config='tiny', device='cpu', dtype=None, branches='shared', ch
     for u in {id(u): u for u in (pipe.eps1, pipe.eps2)}.values(): u.register_forward_pre_hook(seen, with_kwargs=True)
     return pipe
 
-def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: str = 'cpu', dtype: str | None = None,
+def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: str = 'auto', dtype: str | None = None,
           steps: int | None = None, inversion_steps: int | None = None, repeat: int = 1, branches: str = 'shared',
           keyframe_window: int | None = 8, channels_last: bool | None = None, compile: bool | str = False,
           warmup: bool = True, write: bool = True, threads: int | None = None, seed: int = 0, log=print,
@@ -376,7 +376,7 @@ def add_cli(sub):
     p.add_argument('--config', choices=CONFIGS, default='tiny', help='networks: tiny test nets or SD 2.1-base (random weights, no download)')
     p.add_argument('--frames', type=int, nargs='+', default=[16], help='frame counts (the sample tiled); several → the scaling ratio')
     p.add_argument('--size', type=int, help='face crop size (default 128 tiny, 512 sd21)')
-    p.add_argument('--device', default='cpu', help='cpu or cuda')
+    p.add_argument('--device', default='auto', help='cuda, cpu or auto (auto: cuda when a GPU is visible)')
     p.add_argument('--dtype', help='float32, float16, bfloat16 (default: float16 on CUDA, float32 on CPU)')
     p.add_argument('--steps', type=int, help='editing steps (default 10 tiny, 50 sd21)')
     p.add_argument('--inversion-steps', type=int, help='inversion steps (default: --steps, or 50 for sd21)')
