@@ -120,9 +120,12 @@ def nominal_peak(device) -> float | None:
 # %% ../nbs/12_bench.ipynb #82552f21
 class BenchTimer(StageTimer):
     "`StageTimer` + per-stage peak RSS, CUDA peak allocation, UNet frame-rows (from `pipe.calls`) and rows the UNet was given (`pipe.forward_rows`)."
-    def __init__(self, pipe: IPFaceDiffPipeline, interval: float = 0.002):
+    def __init__(self, pipe: IPFaceDiffPipeline, interval: float | None = None):
         super().__init__(cuda_sync='auto')
         import psutil
+        # RSS is sampled on a thread: every 2 ms on CPU; every 20 ms on a GPU, where the sampler would otherwise
+        # keep taking the GIL from the thread launching kernels (CUDA memory has its own exact peak counter)
+        if interval is None: interval = 0.02 if torch.cuda.is_available() else 0.002
         self.pipe, self.proc, self.interval = pipe, psutil.Process(), interval
         self.rss_peak, self.cuda_peak, self.unet_rows, self.cpu_seconds, self.forward_rows = {}, {}, {}, {}, {}
         self.rss_start = self.proc.memory_info().rss
@@ -297,6 +300,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
             log(f"  {n:5d} frames: {r['seconds']:8.2f} s, {r['s_per_frame']:.3f} s/frame, "
                 f"{r['achieved_tflops'] * 1e3:.3g} GFLOP/s, floor ×{r['floor_ratio']:.3g}, UNet rows {sum(r['unet_calls'].values())} "
                 f"({'= budget' if r['budget_ok'] else '≠ BUDGET'}), peak RSS +{r['rss_growth_mb']:.0f} MB")
+            log('         s/frame by stage: ' + ', '.join(f"{k} {v['s_per_frame']:.3g}" for k, v in r['stages'].items()))
     summary = {}
     for n in frames:
         rs = [r for r in runs if r['frames'] == n]

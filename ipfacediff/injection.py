@@ -170,7 +170,7 @@ class AttentionControl:
         self.conv_modules = resolve_conv_layers(unet, conv_layers)
         self.token_names: list[str] = []  # layers whose input tokens are recorded (TokenFlow sets them)
         self.plan, self.calls, self.features = StepPlan(), Counter(), Features()
-        self._orig, self._handles = None, []
+        self._orig, self._handles, self._t = None, [], {}
 
     @property
     def processor_names(self) -> list[str]:
@@ -260,9 +260,16 @@ class AttentionControl:
         elif source is not None: plan.source = source
         z, c = self._batch(latents, cond, source)
         self.plan, self.calls, self.features = plan, Counter(), Features()
-        try: eps = self.unet(z, t, encoder_hidden_states=c).sample
+        try: eps = self.unet(z, self.timestep(t, z.device), encoder_hidden_states=c).sample
         finally: self.plan = StepPlan()
         return eps[plan.n_source:]
+
+    def timestep(self, t, device) -> torch.Tensor:
+        "t as a 0-d tensor on `device`, made once per value: from a Python int the UNet would copy it to the GPU (and wait for it) every forward."
+        if torch.is_tensor(t): return t
+        key = (int(t), str(device))
+        if key not in self._t: self._t[key] = torch.tensor(int(t), device=device)
+        return self._t[key]
 
     def record(self, latents, t, cond) -> tuple[torch.Tensor, Features]:
         "ε1's forward on the source latents z_t^src; returns (ε1, its Q, K, tokens and resnet features)."

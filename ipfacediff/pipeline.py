@@ -135,8 +135,9 @@ class EditResult:
     out: Path | None = None
     track_cached: bool = False         # the face track came from the cache
 
-def _to_unit(crops: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+def _to_unit(crops: np.ndarray, device='cpu') -> torch.Tensor:
+    "uint8 (N, S, S, 3) → float (N, 3, S, S) in [-1, 1] on `device` (moved as uint8: a quarter of the bytes)."
+    return torch.from_numpy(np.ascontiguousarray(crops)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -187,7 +188,7 @@ class IPFaceDiffPipeline:
 @torch.no_grad()
 def encode_crops(self: IPFaceDiffPipeline, crops: np.ndarray, batch_size: int = 8) -> torch.Tensor:
     "z0 for uint8 crops (N, S, S, 3), encoded `batch_size` at a time; latents stay on the model's device."
-    return torch.cat([vae_encode(self.c.vae, _to_unit(crops[i:i + batch_size]))
+    return torch.cat([vae_encode(self.c.vae, _to_unit(crops[i:i + batch_size], self.c.device))
                       for i in self._bar(range(0, len(crops), batch_size), 'VAE encode')])
 
 @torch.no_grad()
@@ -212,11 +213,13 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     traj = {t: [] for t in ddim_timesteps(cfg.steps)}          # what the edit reads
     batches = frame_batches(len(z0), cfg.batch_size)
     bar = self._bar(range(len(batches) * cfg.inversion_steps), 'DDIM inversion (ε1)')
+    t_dev = {}                                                  # t as a device tensor, made once per step
     def eps1(z, t):
         self.calls['inversion'] += len(z); bar.update()
-        return self.eps1(z.to(self.c.dtype), t, encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
+        if t not in t_dev: t_dev[t] = torch.tensor(t, device=z.device)
+        return self.eps1(z.to(self.c.dtype), t_dev[t], encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
     for b in batches:
-        for t, z in ddim_invert(z0[b].float(), eps1, cfg.inversion_steps, abar).items():
+        for t, z in ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar).items():
             if t in traj: traj[t].append(z.cpu())
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
@@ -263,14 +266,17 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
     # injection is off, so that ablation changes the injected features and nothing else
     need_src = inj_a or inj_c or (cfg.propagation and (cfg.nn_from == 'source' or any(window)))
     n, dt = len(z), self.c.dtype
+    # Indexing a GPU tensor with CPU indices copies them over and waits for the device: the frame batches are
+    # indexed with slices, the keyframes with a device copy of their indices, z_src moved over once per step.
+    if need_src: z_src = z_src.to(z.device)
 
     def source_for(idx):
         "ε1's features for frames `idx`: recorded in a separate pass, or joined to ε2's batch when ε1 and ε2 share a forward."
         if not need_src: return None
-        zs = z_src[idx].to(z.device, dt)
+        zs = z_src[idx].to(dt)
         if self.shared: return BatchedSource(zs, c_src)
         _, feats = ctl1.record(zs, t, c_src)
-        self.calls['source'] += len(idx)
+        self.calls['source'] += len(zs)
         return feats
 
     def count(kind, idx, src):
@@ -281,6 +287,7 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
     batches = frame_batches(n, cfg.batch_size)
     if cfg.propagation:
         kf_idx = sample_keyframes(n, cfg.batch_size, generator)   # keyframe j lies in batch j
+        kf_rows = kf_idx.to(z.device)
         groups, held, done = keyframe_groups(len(kf_idx), cfg.keyframe_window, step), {}, 0
         self.max_keyframe_group = max([self.max_keyframe_group] + [g.stop - g.start for g in groups])
     for j, b in enumerate(batches):
@@ -288,8 +295,8 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
             need = range(max(j - 1, 0), min(j + 2, len(kf_idx)))
             while done < len(groups) and groups[done].start <= need[-1]:   # run the groups this batch needs
                 g = groups[done]; idx = kf_idx[g]
-                src = source_for(idx)
-                _, kf = ctl2.edit_keyframes(z[idx].to(dt), t, c_edit, idx, source=src, attn=inj_a, conv=inj_c)
+                src = source_for(kf_rows[g])
+                _, kf = ctl2.edit_keyframes(z[kf_rows[g]].to(dt), t, c_edit, idx, source=src, attn=inj_a, conv=inj_c)
                 count('keyframes', idx, src)
                 self.kf_pairs += 2 * len(idx) * (len(idx) - 1)   # each of the 2·g guidance rows attends to g−1 more frames
                 for p in range(g.start, g.stop): held[p] = (kf, p - g.start)
@@ -301,13 +308,14 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
                 if pieces and pieces[-1][0] is kf and pieces[-1][1].stop == q: pieces[-1] = (kf, slice(pieces[-1][1].start, q + 1))
                 else: pieces.append((kf, slice(q, q + 1)))
             kfs = merge_keyframes(pieces)
-        src = source_for(b)
-        zb = z[b].to(dt)
+        rows = slice(int(b[0]), int(b[-1]) + 1)                        # batches are consecutive frames
+        src = source_for(rows)
+        zb = z[rows].to(dt)
         if cfg.propagation: eps = ctl2.propagate(zb, t, c_edit, b, source=src, keyframes=kfs, attn=inj_a, conv=inj_c)
         elif src is not None: eps = ctl2.inject(zb, t, c_edit, source=src, attn=inj_a, conv=inj_c)
         else: eps = ctl2.forward(zb, t, c_edit)
         count('edit', b, src)
-        new[b] = ddim_step(z[b], _cfg_eps(eps.float(), cfg.guidance), a_t, a_next)   # guidance and DDIM in float32
+        new[rows] = ddim_step(z[rows], _cfg_eps(eps.float(), cfg.guidance), a_t, a_next)   # guidance and DDIM in float32
     return new
 
 IPFaceDiffPipeline.edit_step = edit_step
@@ -438,15 +446,19 @@ def is_lora_dir(spec) -> bool:
     return p.is_dir() and (p / 'adapter_config.json').exists()
 
 class AdapterRows:
-    "Per-row LoRA adapters for one UNet carrying ε1's and ε2's adapters ('__base__' = the base weights), via peft's `adapter_names=`."
+    "ε1's and ε2's LoRA adapters of one UNet ('__base__' = the base weights), each applied to its own block of rows of every forward."
     def __init__(self, unet, eps1: str = 'eps1', eps2: str = 'eps2'):
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer, Linear as LoraLinear
         self.unet, self.eps1, self.eps2 = unet, eps1, eps2
         self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
         if not self.layers: raise ValueError('the UNet carries no LoRA layers')
+        odd = [type(m).__name__ for m in self.layers if not isinstance(m, LoraLinear) or getattr(m, 'lora_variant', None)]
+        if odd: raise ValueError(f"AdapterRows routes plain LoRA on linear layers, not {odd[0]}: load the branches as two UNets instead")
         self.control, self.rows, self.forwards = None, None, 0
+        self._grad = [(p, p.requires_grad) for m in self.layers for p in m.parameters()]
+        for m in self.layers: m.enable_adapters(False)       # peft's forward now gives the base layer's output alone
         self._handles = [unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)]
-        self._handles += [m.register_forward_pre_hook(self._on_layer, with_kwargs=True) for m in self.layers]
+        self._handles += [m.register_forward_hook(self._on_layer, with_kwargs=True) for m in self.layers]
 
     def _on_unet(self, module, args, kwargs):
         B = (args[0] if args else kwargs['sample']).shape[0]
@@ -455,21 +467,30 @@ class AdapterRows:
         self.rows = (B, ctl.plan.n_source, self.eps2) if ctl is not None else (B, 0, self.eps1)
         self.forwards += 1
 
-    def names_for(self, n: int) -> list[str]:
-        "The adapter of each of the n rows a LoRA layer sees in the current forward."
+    def runs_for(self, n: int) -> list[tuple[str, slice]]:
+        "(adapter, rows) blocks of the n rows a LoRA layer sees in the current forward."
         B, ns, main = self.rows
-        if ns == 0: return [main] * n
-        if n == B: return [self.eps1] * ns + [main] * (B - ns)
-        if n == ns and n != B - ns: return [self.eps1] * n
-        if n == B - ns and n != ns: return [main] * n
+        if ns == 0: return [(main, slice(0, n))]
+        if n == B: return [(self.eps1, slice(0, ns)), (main, slice(ns, B))]
+        if n == ns and n != B - ns: return [(self.eps1, slice(0, n))]
+        if n == B - ns and n != ns: return [(main, slice(0, n))]
         raise ValueError(f"a LoRA layer saw {n} rows of a {B}-row batch with {ns} source rows: cannot tell whose rows they are")
 
-    def _on_layer(self, module, args, kwargs):
-        kwargs['adapter_names'] = self.names_for(len(args[0]))
-        return args, kwargs
+    def _on_layer(self, module, args, kwargs, out):
+        "out = W x (peft, adapters off) + B_a A_a x · scaling_a on each block of rows, a its adapter."
+        x = args[0] if args else kwargs['x']
+        for name, rows in self.runs_for(x.shape[0]):
+            if name not in module.lora_A: continue            # '__base__', or an adapter that leaves this layer alone
+            a, b = module.lora_A[name], module.lora_B[name]
+            out[rows] += (b(a(module.lora_dropout[name](x[rows].to(a.weight.dtype)))) * module.scaling[name]).to(out.dtype)
+        return out
 
     def remove(self):
+        "Detach: the UNet's LoRA layers work as peft's again, with their `requires_grad` flags as before."
+        if not self._handles: return
         for h in self._handles: h.remove()
+        for m in self.layers: m.enable_adapters(True)
+        for p, g in self._grad: p.requires_grad_(g)
         self._handles = []
 
 def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module, AdapterRows]:

@@ -39,13 +39,10 @@ def extended_attention(q, k, v, chunk_size: int | None = None) -> torch.Tensor:
 # %% ../nbs/08_tokenflow.ipynb #5fb767a2
 def nearest_neighbours(x: torch.Tensor, y: torch.Tensor, index=None, chunk_size: int = 1024) -> torch.Tensor:
     "γ: for each token of x[i] (n, L, C), the index of the most cosine-similar token of y[index[i]] (K, M, C); (n, L)."
-    index = torch.arange(x.shape[0]) if index is None else torch.as_tensor(index)
-    xn, yn = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
-    out = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
-    for i, j in enumerate(index.tolist()):
-        for s in range(0, x.shape[1], chunk_size):
-            out[i, s:s + chunk_size] = (xn[i, s:s + chunk_size] @ yn[j].T).argmax(-1)
-    return out
+    index = torch.arange(x.shape[0], device=y.device) if index is None else torch.as_tensor(index).to(y.device)
+    xn = F.normalize(x.float(), dim=-1).to(x.dtype)
+    yn = F.normalize(y.float(), dim=-1).to(x.dtype)[index].transpose(1, 2)    # (n, C, M): keyframe index[i] for frame i
+    return torch.cat([torch.bmm(xn[:, s:s + chunk_size], yn).argmax(-1) for s in range(0, x.shape[1], chunk_size)], 1)
 
 def propagation_weights(frame_idx, kf_idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(j⁻, j⁺, w⁻): positions in sorted `kf_idx` of each frame's past/future keyframe and eq. 4's w⁻ = (k⁺−i)/(k⁺−k⁻)."
@@ -58,22 +55,22 @@ def propagation_weights(frame_idx, kf_idx) -> tuple[torch.Tensor, torch.Tensor, 
     wm = torch.where(kp > km, (kp - i) / (kp - km).clamp(min=1), torch.ones_like(km))
     return jm, jp, wm.float()
 
-def propagate_features(kf_out, kf_tokens, tokens, frame_idx, kf_idx, chunk_size: int = 1024) -> torch.Tensor:
+def propagate_features(kf_out, kf_tokens, tokens, frame_idx, kf_idx, chunk_size: int = 1024, weights=None) -> torch.Tensor:
     """Eq. 4: f_i = w⁻ T(k⁻)[γ⁻] + w⁺ T(k⁺)[γ⁺]. kf_out (m, K, L, C) edited keyframe outputs per prompt chunk,
     kf_tokens (K, L, C) and tokens (n, L, C) source attn1 inputs of the keyframes and frames → (m, n, L, C);
-    or kf_tokens (m, K, L, C) and tokens (m, n, L, C): one field per prompt chunk (ε2's own tokens)."""
-    if kf_tokens.ndim == 4:
-        return torch.cat([propagate_features(kf_out[c:c + 1], kf_tokens[c], tokens[c], frame_idx, kf_idx, chunk_size)
-                          for c in range(kf_out.shape[0])])
-    jm, jp, wm = propagation_weights(frame_idx, kf_idx)
-    m, _, L, C = kf_out.shape
-    nn_m = nearest_neighbours(tokens, kf_tokens, jm, chunk_size)
-    two = jp != jm
-    nn_p = nn_m.clone()
-    if two.any(): nn_p[two] = nearest_neighbours(tokens[two], kf_tokens, jp[two], chunk_size)
+    or kf_tokens (m, K, L, C) and tokens (m, n, L, C): one field per prompt chunk (ε2's own tokens).
+    `weights`: `propagation_weights(frame_idx, kf_idx)` made once, ideally already on kf_out's device."""
     dev = kf_out.device
-    take = lambda j, nn: torch.gather(kf_out[:, j.to(dev)], 2, nn.to(dev)[None, :, :, None].expand(m, -1, -1, C))
-    w = wm.to(dev, kf_out.dtype)[None, :, None, None]
+    jm, jp, wm = weights if weights is not None else propagation_weights(frame_idx, kf_idx)
+    jm, jp, wm = jm.to(dev), jp.to(dev), wm.to(dev, kf_out.dtype)        # no-ops for weights made on `dev`
+    if kf_tokens.ndim == 4:
+        return torch.cat([propagate_features(kf_out[c:c + 1], kf_tokens[c], tokens[c], frame_idx, kf_idx, chunk_size, (jm, jp, wm))
+                          for c in range(kf_out.shape[0])])
+    m, _, L, C = kf_out.shape
+    # both fields for every frame: where j⁻ = j⁺ the second is the first again and gets weight 0 (skipping it would cost a host sync)
+    nn_m, nn_p = (nearest_neighbours(tokens, kf_tokens, j, chunk_size) for j in (jm, jp))
+    take = lambda j, nn: torch.gather(kf_out[:, j], 2, nn[None, :, :, None].expand(m, -1, -1, C))
+    w = wm[None, :, None, None]
     return w * take(jm, nn_m) + (1 - w) * take(jp, nn_p)
 
 # %% ../nbs/08_tokenflow.ipynb #8079fb61
@@ -91,6 +88,7 @@ class TokenFlowPlan(StepPlan):
     mode: str = 'plain'                 # 'plain' | 'keyframes' | 'propagate'
     keyframes: Keyframes | None = None
     frame_idx: torch.Tensor | None = None
+    weights: tuple | None = None        # eq. 4's (j⁻, j⁺, w⁻) on the device, made by the first layer that needs them
 
 class TokenFlowControl(AttentionControl):
     "`AttentionControl` + TokenFlow: extended attention over keyframes and NN-field propagation (paper §3.2)."
@@ -126,7 +124,10 @@ class TokenFlowControl(AttentionControl):
         elif mode == 'propagate':
             tok, kf_tok = self._field_tokens(name, x, len(p.frame_idx)), kf.tokens[name]
             if tok.ndim != kf_tok.ndim: raise ValueError(f"{name}: give the keyframe pass and the propagation the same kind of source (ε1 features/BatchedSource, or None for both)")
-            o = propagate_features(kf.out[name], kf_tok.to(x.dtype), tok.to(x.dtype), p.frame_idx, kf.idx, self.nn_chunk_size)
+            if p.weights is None:                  # once per forward, not per layer: one small host→device copy
+                w = torch.stack([t.double() for t in propagation_weights(p.frame_idx, kf.idx)]).to(x.device)
+                p.weights = (w[0].long(), w[1].long(), w[2].float())
+            o = propagate_features(kf.out[name], kf_tok.to(x.dtype), tok.to(x.dtype), p.frame_idx, kf.idx, self.nn_chunk_size, p.weights)
             o = o.reshape(-1, *o.shape[2:])
             if o.shape[0] != q.shape[0] - ns: raise ValueError(f"{name}: {q.shape[0] - ns} edit rows but {o.shape[0]} propagated rows: latents and prompts must match the keyframe pass")
         else: raise ValueError(f"unknown TokenFlow mode {mode!r}")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of issues 5 and 7 on the lent device machine, in as few calls as its limits allow.
 #
-# That machine has python3 3.12 with torch, transformers, accelerate, peft, OpenCV, SciPy, scikit-image,
+# That machine has python3 3.12 with torch, transformers, accelerate, OpenCV, SciPy, scikit-image,
 # matplotlib and psutil, but not diffusers, PyAV, dlib or dlib's landmark model, and it cannot download.
+# Its peft is of unknown version, and peft ≤ 0.17 cannot be imported beside its transformers 5.17 (nor,
+# then, diffusers): our pinned peft travels too and shadows it.
 # A call carries at most 64 MiB: the landmark model (60 MiB even with xz) and the wheels (44 MiB) need
 # two calls, the second within the 30 s the machine stays warm.
 #
@@ -16,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/ipfacediff-site}                       # wheels install here, the landmark model beside them
-WHEELS="diffusers==0.42.1 av==18.1.0 dlib-bin==20.0.1.post1"
+WHEELS="diffusers==0.42.1 av==18.1.0 dlib-bin==20.0.1.post1 peft==0.21.2"
 MODEL=shape_predictor_68_face_landmarks.dat
 
 case "${1:-}" in
@@ -54,6 +56,8 @@ bench)                                                   # device call 2 and lat
     fi
     export PYTHONPATH="$SITE:$SITE/models:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     out=${OUT:-.}
+    "$PYTHON" -c "import importlib.metadata as m, sys; print('python', sys.version.split()[0], *(f'{p} {m.version(p)}' for p in
+        ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'huggingface_hub', 'av', 'numpy')))" | tee "$out/$name.versions"
     "$PYTHON" -c 'import sys; from ipfacediff.cli import main; sys.exit(main())' \
         bench --config sd21 --device "${DEVICE:-cuda}" --quiet --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     ;;
