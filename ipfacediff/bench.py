@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_bench.ipynb #8b7e515e
 from __future__ import annotations
-import contextlib, copy, datetime, json, os, platform, statistics, subprocess, tempfile, threading, time
+import contextlib, copy, datetime, json, os, platform, statistics, subprocess, tempfile, threading, time, traceback, warnings
 from collections import Counter
 from pathlib import Path
 import numpy as np, torch
@@ -16,10 +16,11 @@ from .injection import injection_schedule
 from .ddim import ddim_timesteps
 
 # %% auto #0
-__all__ = ['SD21_UNET', 'SD21_VAE', 'SD21_TEXT', 'CONFIGS', 'DEFAULTS', 'NOMINAL_PEAK_TFLOPS', 'STAGES', 'TABLE2_OURS',
-           'TINY_CPU_S_PER_FRAME', 'GPU_S_PER_FRAME', 'sd21_components', 'build_components', 'n_params', 'count_flops',
-           'measured_peak', 'nominal_peak', 'BenchTimer', 'sample_frames', 'bench_run', 'warmup_steps',
-           'random_adapter_pair', 'make_pipeline', 'bench', 'replace_cfg', 'plot_table2', 'run_bench', 'add_cli']
+__all__ = ['SD21_UNET', 'SD21_VAE', 'SD21_TEXT', 'CONFIGS', 'DEFAULTS', 'NOMINAL_PEAK_TFLOPS', 'STAGES', 'SYNC_WARNING',
+           'TABLE2_OURS', 'TINY_CPU_S_PER_FRAME', 'GPU_S_PER_FRAME', 'sd21_components', 'build_components', 'n_params',
+           'count_flops', 'measured_peak', 'nominal_peak', 'BenchTimer', 'sample_frames', 'bench_run', 'warmup_steps',
+           'random_adapter_pair', 'make_pipeline', 'bench', 'replace_cfg', 'SyncCounter', 'plot_table2', 'run_bench',
+           'add_cli']
 
 # %% ../nbs/12_bench.ipynb #08c9b80d
 SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -257,7 +258,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
           steps: int | None = None, inversion_steps: int | None = None, repeat: int = 1, branches: str = 'shared',
           keyframe_window: int | None = 8, channels_last: bool | None = None, compile: bool | str = False,
           warmup: bool = True, write: bool = True, threads: int | None = None, seed: int = 0, log=print,
-          progress: bool = False) -> dict:
+          progress: bool = False, sync_report: bool = False) -> dict:
     "Benchmark the edit pipeline (see above); returns the report that `--json` writes."
     frames = [int(n) for n in (frames if isinstance(frames, (list, tuple)) else [frames])]
     if any(n < 1 for n in frames): raise UserError(f"--frames must be at least 1, got {min(frames)}")
@@ -268,6 +269,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
     if size is not None and (size < 64 or size % 64):
         raise UserError(f"--size must be a positive multiple of 64 (e.g. 128 or 512), got {size}")
     dev = resolve_device(device)
+    if sync_report and dev.type != 'cuda': raise UserError("--sync-report counts waits for a GPU: use it with --device cuda")
     d = DEFAULTS[config]
     cfg = EditConfig('add sunglasses and a beard', size=d['size'] if size is None else size, steps=d['steps'] if steps is None else steps,
                      inversion_steps=inversion_steps if inversion_steps is not None else (steps if steps is not None else d['inversion_steps']),
@@ -289,6 +291,14 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
         w = warmup_steps(cfg)
         for n in sorted(set(frames)): pipe.edit(clip[:n], replace_cfg(cfg, steps=w, inversion_steps=w), fps=fps)
     elif warmup: pipe.edit(clip[:8], replace_cfg(cfg, steps=1, inversion_steps=1), fps=fps)
+    syncs = None
+    if sync_report:                       # a 2-step edit of the smallest frame count, sync debugging on
+        sc, f0 = SyncCounter(), pipe.forwards
+        with sc.watch(): pipe.edit(clip[:min(frames)], replace_cfg(cfg, steps=2, inversion_steps=2), fps=fps, timer=sc)
+        syncs = {'frames': min(frames), 'steps': 2, 'unet_forwards': pipe.forwards - f0, 'by_stage': sc.by_stage(),
+                 'sites': [dict(stage=a, site=b, n=n) for a, b, n in sc.top()]}
+        log(f"  host waits for the GPU in a 2-step edit of {min(frames)} frames ({syncs['unet_forwards']} UNet forwards): {syncs['by_stage']}")
+        for a, b, n in sc.top(5): log(f"    {n:6d}  {a}: {b}")
     g0 = graphs()
     runs = []
     for rep in range(repeat):
@@ -318,7 +328,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
               'torch': torch.__version__, 'load_avg': os.getloadavg(), 'cpus': os.cpu_count(), 'detection_threads': cpu_workers(),
               'floor_ratio_definition': 'seconds / (FLOPs / measured peak): 1.0 = running at the measured matmul peak',
               'compile_graphs': {'after_warmup': g0, 'during_runs': graphs() - g0} if compile else None,
-              'runs': runs, 'summary': summary,
+              'runs': runs, 'summary': summary, 'host_syncs': syncs,
               'scaling': _scaling(runs, int(lo), int(hi), summary)}
     sc = report['scaling']
     if compile: log(f"  torch.compile: {g0} graphs after the warm-up, {report['compile_graphs']['during_runs']} more during the timed runs")
@@ -337,6 +347,58 @@ def _scaling(runs, lo: int, hi: int, summary) -> dict:
 def replace_cfg(cfg: EditConfig, **kw) -> EditConfig:
     from dataclasses import replace
     return replace(cfg, **kw)
+
+# %% ../nbs/12_bench.ipynb #8cf4fe2d
+SYNC_WARNING = 'called a synchronizing CUDA operation'
+
+_SYNC_PKGS = ('ipfacediff', 'diffusers', 'peft')
+
+def _sync_site(stack, filename: str = '?', lineno: int = 0) -> str:
+    "'lib/…/file.py:line ← ipfacediff/file.py:line' for the innermost frames of ipfacediff/diffusers/peft in `stack`."
+    def pkg_path(fn):                       # the path from the package's folder on, '' outside them
+        fn = fn.replace(os.sep, '/'); i = max(fn.rfind(f'/{p}/') for p in _SYNC_PKGS)
+        return fn[i + 1:] if i >= 0 else ''
+    name = lambda f: f'{pkg_path(f.filename)}:{f.lineno}'
+    lib = [f for f in stack if pkg_path(f.filename)]
+    if not lib: return f'{Path(filename).name}:{lineno}'
+    own = [f for f in lib if pkg_path(f.filename).startswith('ipfacediff/')]
+    return name(lib[-1]) + (f' ← {name(own[-1])}' if own and own[-1] is not lib[-1] else '')
+
+class SyncCounter(StageTimer):
+    "Host waits for the GPU inside `with counter.watch():`, by stage (`counter(stage)`, a `StageTimer` that never syncs itself) and call site."
+    def __init__(self):
+        super().__init__(cuda_sync=False)
+        self.sites, self.stage = Counter(), '-'
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        prev, self.stage = self.stage, stage
+        try:
+            with super().__call__(stage): yield self
+        finally: self.stage = prev
+
+    @contextlib.contextmanager
+    def watch(self, cuda: bool | None = None):
+        "Count the sync warnings raised inside; with `cuda` (default: if available) torch's sync debugging is on meanwhile."
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        with warnings.catch_warnings():
+            warnings.simplefilter('always')
+            show = warnings.showwarning
+            def count(message, category, filename, lineno, file=None, line=None):
+                if SYNC_WARNING not in str(message): return show(message, category, filename, lineno, file, line)
+                self.sites[(self.stage, _sync_site(traceback.extract_stack()[:-1], filename, lineno))] += 1
+            warnings.showwarning = count
+            if cuda: torch.cuda.set_sync_debug_mode('warn')
+            try: yield self
+            finally:
+                if cuda: torch.cuda.set_sync_debug_mode('default')
+
+    def by_stage(self) -> dict[str, int]:
+        out = Counter()
+        for (stage, _), n in self.sites.items(): out[stage] += n
+        return dict(out)
+
+    def top(self, k: int = 15) -> list[tuple[str, str, int]]: return [(st, site, n) for (st, site), n in self.sites.most_common(k)]
 
 # %% ../nbs/12_bench.ipynb #b42ba930
 TABLE2_OURS = {300: 6 * 60, 600: 15 * 60, 900: 32 * 60, 1200: 98 * 60}   # frames → seconds (paper, A100, 10 fps)
@@ -369,7 +431,7 @@ def run_bench(a) -> dict:
     kw = 0 if a.keyframe_window == 0 else a.keyframe_window
     rep = bench(a.config, a.frames, a.size, a.device, a.dtype, a.steps, a.inversion_steps, a.repeat, a.branches,
                 None if kw == 0 else kw, a.channels_last, (a.compile_backend or True) if a.compile else False,
-                not a.no_warmup, not a.no_write, a.threads, a.seed, progress=not a.quiet)
+                not a.no_warmup, not a.no_write, a.threads, a.seed, progress=not a.quiet, sync_report=a.sync_report)
     if a.json:
         with atomic_output(a.json, overwrite=a.overwrite) as tmp: Path(tmp).write_text(json.dumps(rep, indent=1, default=str))
         print(f'wrote {a.json}')
@@ -396,4 +458,5 @@ def add_cli(sub):
     p.add_argument('--no-warmup', action='store_true'); p.add_argument('--no-write', action='store_true', help='skip the mp4 write stage')
     p.add_argument('--json', help='write the full report here'); p.add_argument('--overwrite', action='store_true')
     p.add_argument('--quiet', action='store_true', help='no progress bars (the per-stage bars of each edit, on stderr)')
+    p.add_argument('--sync-report', action='store_true', help='CUDA: count where the host waits for the GPU in a short edit first')
     p.set_defaults(func=run_bench)

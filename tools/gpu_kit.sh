@@ -10,7 +10,7 @@
 #
 #   here, once:     bash tools/gpu_kit.sh fetch         # fills .kit/ and .whl/ (both git-ignored)
 #   device call 1:  carry [".kit"]   bash tools/gpu_kit.sh predictor
-#   device call 2:  carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_40 --frames 40
+#   device call 2:  carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_40 --frames 40 --sync-report
 #   device call 3+: carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_300 --frames 300   (while warm)
 # Each `bench NAME ARGS` runs `ipfacediff bench --config sd21 --device cuda ARGS` and leaves NAME.json
 # and NAME.log under $OUT. PYVER (default 3.12) and PYTHON (default python3) are for trying it elsewhere.
