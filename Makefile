@@ -29,8 +29,10 @@ check-sync: venv
 nbtest: venv
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 
+# two pytest workers, one thread each, a test file per worker (its module fixtures are built once):
+# 3.6 min against 6-9 min in one process with two threads, on 2 cores
 pytest: venv
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 # The whole suite, exactly what CI runs (.ci/run calls this).
 test: venv
