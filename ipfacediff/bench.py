@@ -189,8 +189,9 @@ def bench_run(pipe: IPFaceDiffPipeline, frames: np.ndarray, fps: float, cfg: Edi
     total = sum(v['seconds'] for v in stages.values())
     fl = sum(v.get('flops', 0) for v in stages.values())
     counted = {k: v for k, v in r.unet_calls.items() if v}
-    data = frames.nbytes * 2 + r.crops.nbytes * 2 + sum(n * 4 * (cfg.size // pipe.c.vae_scale) ** 2 * 4 * k
-                                                      for k in (3, cfg.steps))   # frames, crops, z0/z/new, trajectory (z_t at the editing steps, float32)
+    lat, item = n * 4 * (cfg.size // pipe.c.vae_scale) ** 2, pipe.c.dtype.itemsize   # one set of latents; the networks' bytes per number
+    data = frames.nbytes * 2 + r.crops.nbytes * 2 + lat * (4 * 3 + 4 + item * (cfg.steps - 1))   # frames, crops, z0/z/new (float32),
+                                                                                                 # trajectory (z_T float32, the rest in the networks' dtype)
     cpu = sum(v['cpu_seconds'] for v in stages.values())
     return {'frames': n, 'stages': stages, 'seconds': total, 's_per_frame': total / n, 'cpu_seconds': cpu, 'cpu_s_per_frame': cpu / n, 'flops': fl,
             'achieved_tflops': fl / total / 1e12, 'floor_s': fl / (peak_tflops * 1e12), 'floor_ratio': total / (fl / (peak_tflops * 1e12)),

@@ -103,8 +103,8 @@ def cache_key(data: np.ndarray | bytes, **settings) -> str:
     return h.hexdigest()[:32]
 
 TRACK_CACHE_VERSION = 1     # bump when `track_faces` changes what it returns
-INVERSION_CACHE_VERSION = 3 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`;
-                            # 3: float32, editing timesteps only)
+INVERSION_CACHE_VERSION = 4 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`;
+                            # 3: float32, editing timesteps only; 4: z_T float32, the rest in the networks' dtype)
 
 # %% ../nbs/09_pipeline.ipynb #840eaa64
 @torch.no_grad()
@@ -202,7 +202,8 @@ IPFaceDiffPipeline.encode_crops, IPFaceDiffPipeline.decode_latents = encode_crop
 # %% ../nbs/09_pipeline.ipynb #833bd545
 @torch.no_grad()
 def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str | None = None) -> tuple[dict, bool]:
-    "{t: z_t^src (N, 4, h, w) on CPU} by DDIM inversion of z0 with ε1; read from / written to the cache when `key` is given."
+    """{t: z_t^src (N, 4, h, w) on CPU} by DDIM inversion of z0 with ε1 (z_T float32, the rest in the networks' dtype);
+    read from / written to the cache when `key` is given."""
     path = self.cache_dir / 'inversion' / f'{key}.pt' if key else None
     if path is not None and path.exists():
         try: return torch.load(path, map_location='cpu', weights_only=True), True
@@ -210,7 +211,9 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     cfg.validate()                                              # the inversion grid must hold the editing grid
     abar = self.c.scheduler.alphas_cumprod.to(z0.device)
     c_src = encode_prompt(self.c, [cfg.source_prompt])
-    traj = {t: [] for t in ddim_timesteps(cfg.steps)}          # what the edit reads
+    ts = ddim_timesteps(cfg.steps)
+    traj = {t: [] for t in ts}                                  # what the edit reads
+    kept_dtype = {t: torch.float32 if t == ts[0] else self.c.dtype for t in ts}
     batches = frame_batches(len(z0), cfg.batch_size)
     bar = self._bar(range(len(batches) * cfg.inversion_steps), 'DDIM inversion (ε1)')
     t_dev = {}                                                  # t as a device tensor, made once per step
@@ -220,7 +223,7 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
         return self.eps1(z.to(self.c.dtype), t_dev[t], encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
     for b in batches:
         for t, z in ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar).items():
-            if t in traj: traj[t].append(z.cpu())
+            if t in traj: traj[t].append(z.to('cpu', kept_dtype[t]))
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
     if path is not None:
