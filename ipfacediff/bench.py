@@ -18,9 +18,9 @@ from .ddim import ddim_timesteps
 # %% auto #0
 __all__ = ['SD21_UNET', 'SD21_VAE', 'SD21_TEXT', 'CONFIGS', 'DEFAULTS', 'NOMINAL_PEAK_TFLOPS', 'STAGES', 'SYNC_WARNING',
            'TABLE2_OURS', 'TINY_CPU_S_PER_FRAME', 'GPU_S_PER_FRAME', 'sd21_components', 'build_components', 'n_params',
-           'count_flops', 'measured_peak', 'nominal_peak', 'BenchTimer', 'sample_frames', 'bench_run', 'warmup_steps',
-           'random_adapter_pair', 'make_pipeline', 'bench', 'replace_cfg', 'SyncCounter', 'plot_table2', 'run_bench',
-           'add_cli']
+           'count_flops', 'measured_peak', 'peak_for_name', 'nominal_peak', 'BenchTimer', 'sample_frames', 'bench_run',
+           'warmup_steps', 'random_adapter_pair', 'make_pipeline', 'bench', 'replace_cfg', 'SyncCounter', 'plot_table2',
+           'run_bench', 'add_cli']
 
 # %% ../nbs/12_bench.ipynb #08c9b80d
 SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -96,7 +96,9 @@ def count_flops(comps: SDComponents, size: int) -> dict[str, float]:
     return out
 
 # %% ../nbs/12_bench.ipynb #e36ca7d8
-NOMINAL_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}   # dense fp16/bf16
+# dense fp16/bf16; the first name found in the GPU's name counts, so the PCIe/NVL cards come before their SXM sisters
+NOMINAL_PEAK_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200 NVL': 835.0, 'H100': 989.0, 'H200': 989.0,
+                       'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}
 
 def measured_peak(device, dtype, seconds: float = 0.5) -> float:
     "TFLOP/s of repeated n×n matmuls in `dtype` on `device` (n = 8192 on CUDA, 512 on CPU), best of the timed rounds."
@@ -112,11 +114,14 @@ def measured_peak(device, dtype, seconds: float = 0.5) -> float:
         sync(); best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
     return best / 1e12
 
+def peak_for_name(name: str) -> float | None:
+    "The datasheet dense half-precision TFLOP/s for a GPU name as torch gives it (None if unknown)."
+    return next((v for k, v in NOMINAL_PEAK_TFLOPS.items() if k in name), None)
+
 def nominal_peak(device) -> float | None:
     "The datasheet dense half-precision TFLOP/s of a known GPU (None on CPU or an unknown GPU)."
     if torch.device(device).type != 'cuda': return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in NOMINAL_PEAK_TFLOPS.items() if k in name), None)
+    return peak_for_name(torch.cuda.get_device_name(torch.device(device)))
 
 # %% ../nbs/12_bench.ipynb #82552f21
 class BenchTimer(StageTimer):
@@ -288,18 +293,20 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
         if not compile: return 0
         import torch._dynamo.utils
         return torch._dynamo.utils.counters['stats']['unique_graphs']
-    if warmup and compile:
-        w = warmup_steps(cfg)
-        for n in sorted(set(frames)): pipe.edit(clip[:n], replace_cfg(cfg, steps=w, inversion_steps=w), fps=fps)
-    elif warmup: pipe.edit(clip[:8], replace_cfg(cfg, steps=1, inversion_steps=1), fps=fps)
     syncs = None
-    if sync_report:                       # a 2-step edit of the smallest frame count, sync debugging on
-        sc, f0 = SyncCounter(), pipe.forwards
-        with sc.watch(): pipe.edit(clip[:min(frames)], replace_cfg(cfg, steps=2, inversion_steps=2), fps=fps, timer=sc)
-        syncs = {'frames': min(frames), 'steps': 2, 'unet_forwards': pipe.forwards - f0, 'by_stage': sc.by_stage(),
-                 'sites': [dict(stage=a, site=b, n=n) for a, b, n in sc.top()]}
-        log(f"  host waits for the GPU in a 2-step edit of {min(frames)} frames ({syncs['unet_forwards']} UNet forwards): {syncs['by_stage']}")
-        for a, b, n in sc.top(5): log(f"    {n:6d}  {a}: {b}")
+    with tempfile.TemporaryDirectory() as scratch:   # the untimed edits neither read nor fill the user's cache
+        pipe.cache_dir = Path(scratch)
+        if warmup and compile:
+            w = warmup_steps(cfg)
+            for n in sorted(set(frames)): pipe.edit(clip[:n], replace_cfg(cfg, steps=w, inversion_steps=w), fps=fps)
+        elif warmup: pipe.edit(clip[:8], replace_cfg(cfg, steps=1, inversion_steps=1), fps=fps)
+        if sync_report:                   # a 2-step edit of the smallest frame count, sync debugging on
+            sc, f0 = SyncCounter(), pipe.forwards
+            with sc.watch(): pipe.edit(clip[:min(frames)], replace_cfg(cfg, steps=2, inversion_steps=2), fps=fps, timer=sc)
+            syncs = {'frames': min(frames), 'steps': 2, 'unet_forwards': pipe.forwards - f0, 'by_stage': sc.by_stage(),
+                     'sites': [dict(stage=a, site=b, n=n) for a, b, n in sc.top()]}
+            log(f"  host waits for the GPU in a 2-step edit of {min(frames)} frames ({syncs['unet_forwards']} UNet forwards): {syncs['by_stage']}")
+            for a, b, n in sc.top(5): log(f"    {n:6d}  {a}: {b}")
     g0 = graphs()
     runs = []
     for rep in range(repeat):
@@ -389,10 +396,10 @@ class SyncCounter(StageTimer):
                 if SYNC_WARNING not in str(message): return show(message, category, filename, lineno, file, line)
                 self.sites[(self.stage, _sync_site(traceback.extract_stack()[:-1], filename, lineno))] += 1
             warnings.showwarning = count
-            if cuda: torch.cuda.set_sync_debug_mode('warn')
+            if cuda: prev_mode = torch.cuda.get_sync_debug_mode(); torch.cuda.set_sync_debug_mode('warn')
             try: yield self
             finally:
-                if cuda: torch.cuda.set_sync_debug_mode('default')
+                if cuda: torch.cuda.set_sync_debug_mode(prev_mode)
 
     def by_stage(self) -> dict[str, int]:
         out = Counter()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target
+from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
@@ -110,13 +110,15 @@ INVERSION_CACHE_VERSION = 4 # bump when the inversion changes (2: ε asked at th
 @torch.no_grad()
 def weights_fingerprint(*modules, skip=None) -> str:
     "A short hash of the modules' weights (names, shapes, sums), leaving out names where `skip(name)`: changes whenever a weight does."
-    h = hashlib.sha256()
+    names, sums = [], []
     for m in modules:
         for n, t in m.state_dict().items():
             if skip is not None and skip(n): continue
-            n = n.replace('.base_layer.', '.')  # a LoRA-wrapped layer keeps its base weights under base_layer
-            h.update(f'{n}{tuple(t.shape)}'.encode())
-            h.update(torch.stack([t.double().sum(), t.double().abs().sum()]).cpu().numpy().tobytes())
+            names.append(f"{n.replace('.base_layer.', '.')}{tuple(t.shape)}")   # a LoRA-wrapped layer keeps its base weights under base_layer
+            sums.append(torch.stack([t.double().sum(), t.double().abs().sum()]))
+    sums = torch.stack([v.to(sums[0].device) for v in sums]).cpu().numpy() if sums else []
+    h = hashlib.sha256()
+    for n, v in zip(names, sums): h.update(n.encode()); h.update(v.tobytes())
     return h.hexdigest()[:16]
 
 # %% ../nbs/09_pipeline.ipynb #20ef5fb4
@@ -182,6 +184,13 @@ class IPFaceDiffPipeline:
         "ε1 and ε2 run in one forward: the same network, or two LoRA adapters of one UNet (`adapters`)."
         return self.eps1 is self.eps2
 
+    def alphas_on(self, device) -> torch.Tensor:
+        "The scheduler's ᾱ_t on `device`, copied there once (again if the scheduler's tensor is replaced)."
+        a, cache = self.c.scheduler.alphas_cumprod, getattr(self, '_abar', None)
+        if cache is None or cache[0] is not a: cache = self._abar = (a, {})
+        if str(device) not in cache[1]: cache[1][str(device)] = a.to(device)
+        return cache[1][str(device)]
+
     def _bar(self, it, desc, total=None): return tqdm(it, desc=desc, total=total, disable=not self.progress, leave=False)
 
 # %% ../nbs/09_pipeline.ipynb #f8adad2f
@@ -209,7 +218,7 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
         try: return torch.load(path, map_location='cpu', weights_only=True), True
         except Exception: warnings.warn(f'ignoring an unreadable inversion cache file {path}')
     cfg.validate()                                              # the inversion grid must hold the editing grid
-    abar = self.c.scheduler.alphas_cumprod.to(z0.device)
+    abar = self.alphas_on(z0.device)
     c_src = encode_prompt(self.c, [cfg.source_prompt])
     ts = ddim_timesteps(cfg.steps)
     traj = {t: [] for t in ts}                                  # what the edit reads
@@ -262,7 +271,7 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
               window: tuple[bool, bool], generator: torch.Generator, ctl2, ctl1=None, step: int = 0) -> torch.Tensor:
     "One DDIM step t → t_next of the edit for all frames (see the text above); `z_src` may stay on the CPU; returns the new latents."
     c_edit, c_src = conds
-    abar = self.c.scheduler.alphas_cumprod.to(z.device)
+    abar = self.alphas_on(z.device)
     a_t, a_next = abar[t], (abar[t_next] if t_next >= 0 else abar[0])
     inj_a, inj_c = window if cfg.identity_injection else (False, False)
     # with propagation the source pass also gives the NN field: it runs while a window is open even when
@@ -271,7 +280,7 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
     n, dt = len(z), self.c.dtype
     # Indexing a GPU tensor with CPU indices copies them over and waits for the device: the frame batches are
     # indexed with slices, the keyframes with a device copy of their indices, z_src moved over once per step.
-    if need_src: z_src = z_src.to(z.device)
+    if need_src: z_src = to_device(z_src, z.device)              # queued: the host does not wait for the GPU
 
     def source_for(idx):
         "ε1's features for frames `idx`: recorded in a separate pass, or joined to ε2's batch when ε1 and ε2 share a forward."
@@ -290,7 +299,7 @@ def edit_step(self: IPFaceDiffPipeline, z: torch.Tensor, z_src: torch.Tensor, t:
     batches = frame_batches(n, cfg.batch_size)
     if cfg.propagation:
         kf_idx = sample_keyframes(n, cfg.batch_size, generator)   # keyframe j lies in batch j
-        kf_rows = kf_idx.to(z.device)
+        kf_rows = to_device(kf_idx, z.device)
         groups, held, done = keyframe_groups(len(kf_idx), cfg.keyframe_window, step), {}, 0
         self.max_keyframe_group = max([self.max_keyframe_group] + [g.stop - g.start for g in groups])
     for j, b in enumerate(batches):
@@ -413,14 +422,16 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         track, track_hit = self.face_track(frames, cfg, video if isinstance(video, (str, Path)) else None)
         crops = align_faces(frames, track, progress=self.progress)
     with timer('encode'): z0 = self.encode_crops(crops, cfg.batch_size)
-    if getattr(self, '_weights_key', None) is None:
-        # ε1 and the VAE decide the inversion; with both branches as LoRA adapters on one UNet, only ε1's adapter counts
-        a = self.adapters
-        skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
-        self._weights_key = weights_fingerprint(self.eps1, self.c.vae, skip=skip)
-    key = cache_key(crops, version=INVERSION_CACHE_VERSION, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key, steps=cfg.inversion_steps,
-                        kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size, batch=cfg.batch_size)
-    with timer('inversion'): traj, hit = self.invert(z0, cfg, key)
+    with timer('inversion'):                     # finding the cache entry is part of the inversion's cost
+        if getattr(self, '_weights_key', None) is None:
+            # ε1 and the VAE decide the inversion; with both branches as LoRA adapters on one UNet, only ε1's adapter counts
+            a = self.adapters
+            skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
+            self._weights_key = weights_fingerprint(self.eps1, self.c.vae, skip=skip)
+        key = cache_key(crops, version=INVERSION_CACHE_VERSION, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key,
+                        steps=cfg.inversion_steps, kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size,
+                        batch=cfg.batch_size)
+        traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
     with timer('decode'): edited = self.decode_latents(z, cfg.batch_size)
     with timer('paste-back'): full = paste_back(frames, edited, track, region=cfg.mask, progress=self.progress)

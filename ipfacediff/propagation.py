@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
-from .utils import UserError
+from .utils import UserError, to_device
 from .injection import (AttentionControl, resolve_attn_layers, _keep, BatchedSource, Features, StepPlan, attn_output, project_heads,
                         DEFAULT_ATTN_LAYERS, DEFAULT_CONV_LAYERS)
 
@@ -124,8 +124,8 @@ class TokenFlowControl(AttentionControl):
         elif mode == 'propagate':
             tok, kf_tok = self._field_tokens(name, x, len(p.frame_idx)), kf.tokens[name]
             if tok.ndim != kf_tok.ndim: raise ValueError(f"{name}: give the keyframe pass and the propagation the same kind of source (ε1 features/BatchedSource, or None for both)")
-            if p.weights is None:                  # once per forward, not per layer: one small host→device copy
-                w = torch.stack([t.double() for t in propagation_weights(p.frame_idx, kf.idx)]).to(x.device)
+            if p.weights is None:                  # once per forward, not per layer: one small copy, queued without waiting
+                w = to_device(torch.stack([t.double() for t in propagation_weights(p.frame_idx, kf.idx)]), x.device)
                 p.weights = (w[0].long(), w[1].long(), w[2].float())
             o = propagate_features(kf.out[name], kf_tok.to(x.dtype), tok.to(x.dtype), p.frame_idx, kf.idx, self.nn_chunk_size, p.weights)
             o = o.reshape(-1, *o.shape[2:])

@@ -10,7 +10,7 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'cpu_workers', 'resolve_device', 'resolve_dtype',
-           'seed_everything', 'seeded']
+           'seed_everything', 'seeded', 'to_device']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -125,3 +125,11 @@ def seeded(seed: int, device='cpu'):
         for i in cuda:
             with torch.cuda.device(i): torch.cuda.manual_seed(seed)
         yield
+
+# %% ../nbs/00a_utils.ipynb #3ca48327
+def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    "`t` on `device` (in `dtype` if given); a CPU → CUDA copy goes through pinned memory and is queued without waiting for the GPU."
+    device = torch.device(device)
+    if dtype is not None and t.device.type == 'cpu': t = t.to(dtype)     # cast on the CPU: fewer bytes to copy
+    if device.type == 'cuda' and t.device.type == 'cpu': return t.pin_memory().to(device, dtype, non_blocking=True)
+    return t.to(device, dtype)

@@ -44,10 +44,12 @@ def test_tiny_bench_json(tmp_path, capsys, monkeypatch):
     "`ipfacediff bench` in this process (so that the UNet can be watched): the report, and the UNet rows checked on the modules."
     from ipfacediff.cli import main
     spy = _RowSpy(monkeypatch)
-    out = tmp_path / 'b.json'
+    out, user_cache = tmp_path / 'b.json', tmp_path / 'user-cache'
+    monkeypatch.setenv('IPFACEDIFF_CACHE', str(user_cache))
     rc = main(['bench', '--config', 'tiny', '--frames', '16', '--size', '128', '--json', str(out)])
     r = capsys.readouterr()
     assert rc == 0, r.err
+    assert not user_cache.exists()          # the warm-up and the timed runs use caches of their own
     rep = json.loads(out.read_text())
     run = rep['runs'][0]
     assert run['frames'] == 16 and STAGES <= set(run['stages'])

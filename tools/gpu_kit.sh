@@ -56,8 +56,14 @@ bench)                                                   # device call 2 and lat
     fi
     export PYTHONPATH="$SITE:$SITE/models:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     out=${OUT:-.}
-    "$PYTHON" -c "import importlib.metadata as m, sys; print('python', sys.version.split()[0], *(f'{p} {m.version(p)}' for p in
-        ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'huggingface_hub', 'av', 'numpy')))" | tee "$out/$name.versions"
+    "$PYTHON" - <<'PY' | tee "$out/$name.versions"   # a package it lacks is printed as missing, not a reason to stop
+import importlib.metadata as m, sys
+def version(p):
+    try: return m.version(p)
+    except m.PackageNotFoundError: return 'missing'
+print('python', sys.version.split()[0], *(f'{p} {version(p)}' for p in
+      ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'huggingface_hub', 'av', 'numpy')))
+PY
     "$PYTHON" -c 'import sys; from ipfacediff.cli import main; sys.exit(main())' \
         bench --config sd21 --device "${DEVICE:-cuda}" --quiet --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     ;;
