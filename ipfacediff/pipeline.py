@@ -222,7 +222,6 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     c_src = encode_prompt(self.c, [cfg.source_prompt])
     ts = ddim_timesteps(cfg.steps)
     traj = {t: [] for t in ts}                                  # what the edit reads
-    kept_dtype = {t: torch.float32 if t == ts[0] else self.c.dtype for t in ts}
     batches = frame_batches(len(z0), cfg.batch_size)
     bar = self._bar(range(len(batches) * cfg.inversion_steps), 'DDIM inversion (ε1)')
     t_dev = {}                                                  # t as a device tensor, made once per step
@@ -230,9 +229,12 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
         self.calls['inversion'] += len(z); bar.update()
         if t not in t_dev: t_dev[t] = torch.tensor(t, device=z.device)
         return self.eps1(z.to(self.c.dtype), t_dev[t], encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
-    for b in batches:
-        for t, z in ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar).items():
-            if t in traj: traj[t].append(z.to('cpu', kept_dtype[t]))
+    for b in batches:                                           # two copies to the CPU per batch, not one per kept step
+        zt = ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar)
+        traj[ts[0]].append(zt[ts[0]].cpu())                     # z_T: float32
+        if len(ts) > 1:
+            rest = torch.stack([zt[t] for t in ts[1:]]).to(self.c.dtype).cpu()
+            for t, z in zip(ts[1:], rest): traj[t].append(z)
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
     if path is not None:
