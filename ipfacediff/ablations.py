@@ -310,6 +310,8 @@ def _run_cli(a) -> AblationResult:
     model, e1, e2, device, smoke = a.model, a.identity_model, a.edit_model, a.device or 'auto', False
     if a.tiny:
         if a.identity_model or a.edit_model: raise UserError("--tiny makes its own branches: drop --identity-model / --edit-model")
+        if a.model != DEFAULT_MODEL: raise UserError("--tiny uses tiny random models: drop --model")
+        if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
         if device not in ('auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
         torch.set_num_threads(1)
         from ipfacediff.pipeline import EditConfig
@@ -358,13 +360,15 @@ def add_cli(sub):
     p.add_argument('--size', type=int, help='aligned face crop size (default 512; 128 with --tiny)')
     p.add_argument('--max-frames', type=int, help='edit only the first N frames (default all; 16 with --tiny)')
     p.add_argument('--fps', type=float, help='resample the input to this frame rate (the paper evaluates at 10)')
-    p.add_argument('--guidance', type=float); p.add_argument('--batch-size', type=int)
-    p.add_argument('--source-prompt')
+    p.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale w, as `ipfacediff edit`')
+    p.add_argument('--batch-size', type=int, default=8, help='frames per batch (one keyframe each)')
+    p.add_argument('--source-prompt', default='a photo of a face', help='describes the input; conditions ε1 for the inversion and the source pass')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--recognizers', default='dlib', help='face recognizers for the identity metrics (as `ipfacediff evaluate`)')
     p.add_argument('--gallery', help='extra folder of other people\'s videos to rank the original among (R@1, MRR)')
     p.add_argument('--grid-frames', type=int, default=6, help='columns of the frame grid')
-    p.add_argument('--device', help='cuda, cpu or auto'); p.add_argument('--dtype', help='float16, bfloat16, float32 or auto')
+    p.add_argument('--device', help='cuda, cpu or auto (default auto)')
+    p.add_argument('--dtype', help='float16, bfloat16, float32 or auto (default auto: float16 on GPU, float32 on CPU)')
     p.add_argument('--cache-dir', help='face-track, inversion and embedding cache (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
     p.add_argument('--overwrite', action='store_true', help='replace an earlier study in --out')
     p.add_argument('--quiet', action='store_true', help='no progress output')

@@ -429,7 +429,10 @@ def plot_table2(tiny: dict, gpu: dict | None = None, ax=None):
 
 # %% ../nbs/12_bench.ipynb #5c1f770b
 def run_bench(a) -> dict:
-    "The `ipfacediff bench` command."
+    """Time the whole edit pipeline, stage by stage, on the sample clip tiled to --frames, with randomly initialised
+    networks of the --config architecture (speed does not depend on weight values; nothing is downloaded): seconds and
+    seconds per frame, UNet evaluations against the budget, peak memory, TFLOP/s and the ratio to the FLOP floor.
+    Several --frames give the scaling ratio."""
     if a.json:                                   # checked now, not after minutes of benchmark
         j = Path(a.json)
         if j.is_dir(): raise UserError(f"--json {j} is a folder: give a file path for the report")

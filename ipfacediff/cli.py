@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_cli.ipynb #9aae0882
 from __future__ import annotations
-import argparse, importlib, importlib.util, sys
+import argparse, importlib, importlib.util, os, sys, warnings
 from . import __version__
 from .utils import UserError
 
@@ -31,11 +31,15 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         h = action.help or ''
         d = action.default
-        if (not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or 'default' in h
-                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))): return h
+        if (not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or 'default' in h or action.nargs == 0
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))): return h   # nargs 0: a flag, on or off
         return f'{h} (default: %(default)s)' if h else '(default: %(default)s)'
 
-class _CommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    "A usage error on one line (not the whole usage block), pointing to --help; exit code 2."
+    def error(self, message): self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+class _CommandParser(_Parser):
     "The parser of every command: defaults shown in --help."
     def __init__(self, *args, formatter_class=_HelpFormatter, **kw): super().__init__(*args, formatter_class=formatter_class, **kw)
     def add_argument(self, *args, **kw):
@@ -46,7 +50,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 def build_parser(argv=(), commands=COMMANDS) -> argparse.ArgumentParser:
     "The top-level parser; the command named in `argv` gets its module's real parser, the others a stub for the overview."
-    p = argparse.ArgumentParser(prog='ipfacediff',
+    p = _Parser(prog='ipfacediff',
         description='Identity-preserving facial video editing with diffusion (IP-FaceDiff).')
     p.add_argument('--version', action='version', version=f'ipfacediff {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_CommandParser)
@@ -55,22 +59,38 @@ def build_parser(argv=(), commands=COMMANDS) -> argparse.ArgumentParser:
         if not _available(module): continue  # not part of this build
         if name == wanted: importlib.import_module(module).add_cli(sub)
         else: sub.add_parser(name, help=help, add_help=False)
+    p.commands = sub.choices          # name → parser, for errors found after the command's parser ran
     return p
 
 # %% ../nbs/13_cli.ipynb #7a70459b
+_PKG = os.path.dirname(os.path.abspath(importlib.util.find_spec('ipfacediff').origin))   # the package's folder
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    "Our own warnings as one line, `ipfacediff: warning: …`; other libraries' as Python prints them."
+    file = file if file is not None else sys.stderr
+    if os.path.abspath(filename).startswith(_PKG + os.sep): print(f'ipfacediff: warning: {message}', file=file)
+    else: file.write(warnings.formatwarning(message, category, filename, lineno, line))
+
 def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     "Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--version']:  # answer without importing torch
         print(f'ipfacediff {__version__}'); return 0
     parser = build_parser(argv, commands)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra: parser.commands.get(getattr(args, 'command', None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, 'func', None):
         parser.print_help(sys.stderr); return 2
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
     except UserError as e:
         print(f'ipfacediff: error: {e}', file=sys.stderr); return UserError.exit_code
     except KeyboardInterrupt:
         print('ipfacediff: interrupted', file=sys.stderr); return 130
     return 0
+
+# %% ../nbs/13_cli.ipynb #c774dda0
+#| eval: false
+if __name__ == '__main__': sys.exit(main())

@@ -130,7 +130,10 @@ def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
     return err
 
 def add_cli(sub):
-    p = sub.add_parser('ddim-demo', help='plot the noise schedule and check a DDIM round trip (no weights needed)')
+    p = sub.add_parser('ddim-demo', help='plot the noise schedule and check a DDIM round trip (no weights needed)',
+                       description="Plot SD's noise schedule (ᾱ_t and the signal-to-noise ratio) and run a DDIM inversion and "
+                                   "reconstruction with an analytic noise predictor: the round trip returns to its start, so the "
+                                   "sampler and the inversion agree. Needs no weights.")
     p.add_argument('--out', default='ddim-demo.png', help='image to write (.png, .pdf, .svg or .jpg)')
     p.add_argument('--steps', type=int, default=50, help='DDIM steps of the round trip (1 … 999)')
     p.add_argument('--overwrite', action='store_true')

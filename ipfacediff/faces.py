@@ -165,7 +165,7 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
         boxes[i], lms[i], detected[i], prev = best, face_landmarks(np.asarray(frames[i]), best), True, best
     if not detected.any():
         raise UserError(f"no face found in any of the {n} frames: give a video with a clearly visible, roughly frontal "
-                        "face (at least ~80 px wide; for small faces try upsample=1)")
+                        "face at least ~80 px wide (scale up a video whose face is smaller; from Python, track_faces(..., upsample=1) finds smaller faces)")
     if (n_faces > 1).any():
         warnings.warn(f"{(n_faces > 1).sum()} of {n} frames show more than one face; "
                       "the largest face is tracked and edited, the others are left as they are")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_finetune.ipynb #804bc9b7
 from __future__ import annotations
-import contextlib, copy, csv, dataclasses, importlib.util, json, math, os, random, re, shutil, time, warnings
+import argparse, contextlib, copy, csv, dataclasses, importlib.util, json, math, os, random, re, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -499,6 +499,8 @@ def config_from_args(a) -> FinetuneConfig:
     "The run's `FinetuneConfig` from parsed `ipfacediff finetune` arguments: options not given take the paper's defaults, or with `--tiny` the smoke-run sizes of `_TINY_DEFAULTS`."
     keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
     kw = {k: v for k, v in vars(a).items() if k in keys and v is not None}
+    given = [f'--{k}' for k in ('model', 'clip') if a.tiny and getattr(a, k) != getattr(FinetuneConfig, k)]
+    if given: raise UserError(f"--tiny uses tiny random SD and CLIP models: drop {' / '.join(given)}")
     return FinetuneConfig(**({**_TINY_DEFAULTS, **kw} if a.tiny else kw))
 
 def add_cli(sub):
@@ -511,7 +513,7 @@ def add_cli(sub):
     p.add_argument('--out', required=True, help='run folder (adapter or unet/, checkpoints/, log.csv)')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--lora', dest='lora', action='store_true', default=True, help='LoRA adapters (default)')
-    g.add_argument('--full', dest='lora', action='store_false', help='fine-tune the whole UNet')
+    g.add_argument('--full', dest='lora', action='store_false', default=argparse.SUPPRESS, help='fine-tune the whole UNet instead, as the paper does')
     t = _TINY_DEFAULTS
     p.add_argument('--rank', type=int, help=f'LoRA rank r (default {d.rank}; {t["rank"]} with --tiny)')
     p.add_argument('--steps', type=int, help=f'optimizer steps (default {d.steps}; {t["steps"]} with --tiny)')
@@ -537,13 +539,13 @@ def add_cli(sub):
     p.add_argument('--inversion-steps', type=int, help=f'DDIM inversion steps (default {d.inversion_steps}; {t["inversion_steps"]} with --tiny)')
     p.add_argument('--t-min', type=int, default=d.t_min); p.add_argument('--t-max', type=int, default=d.t_max)
     p.add_argument('--fixed-t', type=int, default=None, help='a fixed inversion depth (a DDIM grid timestep)')
-    p.add_argument('--cache-inversions', action='store_true')
+    p.add_argument('--cache-inversions', action='store_true', help='keep each x_t in memory (exact; for --fixed-t or a small set)')
     p.add_argument('--gen-steps', type=int, default=d.gen_steps, help='1: one-step x̂0; k: k DDIM steps')
-    p.add_argument('--gradient-checkpointing', action='store_true')
+    p.add_argument('--gradient-checkpointing', action='store_true', help='trade compute for UNet activation memory')
     p.add_argument('--seed', type=int, default=d.seed)
     p.add_argument('--num-workers', type=int, default=d.num_workers)
     p.add_argument('--device', default=d.device)
-    p.add_argument('--tensorboard', action='store_true')
+    p.add_argument('--tensorboard', action='store_true', help='also log to TensorBoard (OUT/tensorboard)')
     p.add_argument('--quiet', '--no-progress', dest='no_progress', action='store_true', help='no progress bar (the name the other commands use)')
     def run(a):
         cfg = config_from_args(a)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_dir
+from .utils import UserError, atomic_dir, usable_cache_dir
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
@@ -452,7 +452,7 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
                 'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
     out, keys = {}, {}
     if cache_dir is not None:
-        cache_dir = Path(cache_dir); cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir = usable_cache_dir(cache_dir)
         digest = digest or content_hash(path)
         for k in embedders:
             keys[k] = cache_dir / f'{_cache_key(digest, k, settings)}.npz'
@@ -603,8 +603,13 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     "Score edited videos against their originals (Tables 1 and 3); writes the report folder `out` (see above) and returns metrics.json's content."
     timer = timer or StageTimer()
     out = Path(out)
-    if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder path for the report")
+    if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
+    if out.exists() and any(out.iterdir()) and not (out / 'metrics.json').is_file():   # --overwrite replaces a report, nothing else
+        raise UserError(f"--out {out} is not empty and holds no evaluation report: refusing to replace it; choose another --out")
+    for p in [original, gallery, *([edited] if isinstance(edited, (str, os.PathLike)) else edited)]:
+        if p is not None and (out.resolve() == Path(p).resolve() or out.resolve() in Path(p).resolve().parents):
+            raise UserError(f"--out {out} holds the input {p}: replacing the report would delete it; choose another --out")
     if not (out.parent if str(out.parent) else Path('.')).is_dir():
         raise UserError(f"the folder {out.parent} does not exist: create it first or choose another --out")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

@@ -4,13 +4,13 @@
 
 # %% ../nbs/09_pipeline.ipynb #c077b5e1
 from __future__ import annotations
-import contextlib, copy, hashlib, json, os, time, warnings
+import contextlib, copy, hashlib, json, math, os, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device
+from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
@@ -72,10 +72,10 @@ class EditConfig:
         if self.batch_size < 1: raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_frames is not None and self.max_frames < 1: raise UserError(f"--max-frames must be at least 1, got {self.max_frames}")
         if self.fps is not None and not self.fps > 0: raise UserError(f"--fps must be positive, got {self.fps}")
-        if self.guidance < 0: raise UserError(f"--guidance must be ≥ 0, got {self.guidance}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")
-        if self.keyframe_window is not None and self.keyframe_window < 1: raise UserError(f"--keyframe-window must be at least 1, got {self.keyframe_window}")
+        if self.keyframe_window is not None and self.keyframe_window < 1: raise UserError(f"--keyframe-window must be at least 1 (or 0 for all keyframes in one group; None in Python), got {self.keyframe_window}")
         for n in ('attn_t', 'conv_t'):
             if not 0 <= getattr(self, n) <= 1: raise UserError(f"--{n.replace('_', '-')} must be between 0 and 1, got {getattr(self, n)}")
         return self
@@ -390,12 +390,14 @@ IPFaceDiffPipeline.face_track = face_track
 # %% ../nbs/09_pipeline.ipynb #8a4c6e5a
 VIDEO_OUT_EXTS = ('.mp4', '.m4v', '.mov', '.mkv')
 
-def check_outputs(out=None, side_by_side=None, overwrite: bool = False):
-    "Refuse, before any work, output paths that could not be written: a `UserError` that says what to change."
+def check_outputs(out=None, side_by_side=None, overwrite: bool = False, video=None):
+    "Refuse, before any work, output paths that could not be written or would replace the input `video`: a `UserError` that says what to change."
     if side_by_side is not None and out is None: raise UserError("a side-by-side video needs the edited one too: give out=")
     for flag, p in (('--out', out), ('--side-by-side', side_by_side)):
         if p is None: continue
         if Path(p).suffix.lower() not in VIDEO_OUT_EXTS: raise UserError(f"{flag} {p} should be a video file name ending in .mp4")
+        if isinstance(video, (str, os.PathLike)) and Path(p).resolve() == Path(video).resolve():
+            raise UserError(f"{flag} {p} is the input video: the edit would replace it, even with --overwrite; give another name")
         _check_target(Path(p), overwrite, want_dir=False)
     if out is not None and side_by_side is not None and Path(out).resolve() == Path(side_by_side).resolve():
         raise UserError(f"--out and --side-by-side are the same file {out}: give two names")
@@ -407,7 +409,8 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
     `video` is a path, or uint8 frames (N, H, W, 3) with their `fps`. `timer`: a `StageTimer` (or one with
     the same `timer(stage)` interface, as `bench` uses) to time the stages with."""
     cfg = cfg.validate()
-    check_outputs(out, side_by_side, overwrite)
+    check_outputs(out, side_by_side, overwrite, video)
+    usable_cache_dir(self.cache_dir)
     if cfg.guidance < 1: warnings.warn(f"guidance {cfg.guidance:g} < 1: the edit follows the negative prompt more than the prompt; 7.5 is usual")
     self.calls, self.kf_pairs, self.max_keyframe_group = Counter(), 0, 0
     timer = timer if timer is not None else StageTimer()
@@ -568,7 +571,8 @@ def run_edit(a) -> EditResult:
     if not Path(a.input).exists(): raise UserError(f"input video {a.input} does not exist")
     cfg = EditConfig(a.prompt, **_settings_from_args(a)).validate()
     out = Path(a.out)
-    check_outputs(out, a.side_by_side, a.overwrite)           # before the models load and the work starts
+    check_outputs(out, a.side_by_side, a.overwrite, a.input)  # before the models load and the work starts
+    if a.cache_dir is not None: usable_cache_dir(a.cache_dir)
     progress = not a.quiet
     if a.tiny:
         if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")

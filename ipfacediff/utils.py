@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'cpu_workers', 'resolve_device', 'resolve_dtype',
-           'seed_everything', 'seeded', 'to_device']
+__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'cpu_workers',
+           'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'to_device']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -36,10 +36,10 @@ def data_path(*parts: str) -> Path:
 # %% ../nbs/00a_utils.ipynb #62eab938
 def _check_target(path: Path, overwrite: bool, want_dir: bool) -> Path:
     "The parent folder of an output `path`, after refusing what must not be replaced."
+    if path.exists() and path.is_dir() != want_dir:     # first: --overwrite would not help
+        raise UserError(f"{path} is a {'file' if want_dir else 'folder'}: give a {'folder' if want_dir else 'file'} path for the output")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: choose another output path or pass --overwrite")
-    if path.exists() and path.is_dir() != want_dir:
-        raise UserError(f"{path} is a {'file' if want_dir else 'folder'}: give a {'folder' if want_dir else 'file'} path for the output")
     parent = path.parent if str(path.parent) else Path('.')
     if not parent.is_dir():
         raise UserError(f"the folder {parent} does not exist: create it first or choose another output path")
@@ -75,6 +75,15 @@ def atomic_dir(path, overwrite: bool = False):
         else: os.replace(tmp, path)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00a_utils.ipynb #8eb46824
+def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)') -> Path:
+    "`path` as a folder, made if missing; a `UserError` if it cannot be."
+    path = Path(path)
+    try: path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError): raise UserError(f"the cache folder {path} is a file (or lies under one): give a folder with {flag}") from None
+    except OSError as e: raise UserError(f"cannot make the cache folder {path} ({e.strerror}): give a folder you can write to with {flag}") from None
+    return path
 
 # %% ../nbs/00a_utils.ipynb #709456f1
 def cpu_workers(workers: int | None = None) -> int:
