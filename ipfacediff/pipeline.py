@@ -163,7 +163,11 @@ class IPFaceDiffPipeline:
                         batch_adapters: bool = True, **kw):
         """SD 2.1 parts from `model`; ε1/ε2 from UNet folders, LoRA adapters or hub ids (None: the base UNet).
         With `batch_adapters` and LoRA adapters for the branches, both live in one UNet and share its forwards."""
-        comps = load_components(model, device=device, dtype=dtype)
+        return cls.from_components(load_components(model, device=device, dtype=dtype), identity_model, edit_model, batch_adapters, **kw)
+
+    @classmethod
+    def from_components(cls, comps: SDComponents, identity_model=None, edit_model=None, batch_adapters: bool = True, **kw):
+        "ε1/ε2 built on the base UNet of `comps` (see `from_pretrained`)."
         specs = (identity_model, edit_model)
         if batch_adapters and any(is_lora_dir(s) for s in specs) and all(is_lora_dir(s) or s in (None, '', 'base') for s in specs):
             unet, rows = load_adapter_pair(comps.unet, *specs)
@@ -175,9 +179,9 @@ class IPFaceDiffPipeline:
         return p
 
     @classmethod
-    def tiny(cls, seed: int = 0, **kw):
-        "Tiny random components: a smoke run whose pixels are noise."
-        return cls(tiny_components(seed), smoke=True, **kw)
+    def tiny(cls, seed: int = 0, identity_model=None, edit_model=None, **kw):
+        "Tiny random components: a smoke run whose pixels are noise; ε1/ε2 may be branches trained on them (`finetune --tiny`)."
+        return cls.from_components(tiny_components(seed), identity_model, edit_model, smoke=True, **kw)
 
     @property
     def shared(self) -> bool:
@@ -576,12 +580,14 @@ def run_edit(a) -> EditResult:
     progress = not a.quiet
     if a.tiny:
         if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
-        if a.identity_model or a.edit_model or a.model != DEFAULT_MODEL:
-            raise UserError("--tiny uses tiny random models: drop --model / --identity-model / --edit-model")
+        if a.model != DEFAULT_MODEL: raise UserError("--tiny uses tiny random models: drop --model")
+        for flag, spec in (('--identity-model', a.identity_model), ('--edit-model', a.edit_model)):
+            if spec and not Path(spec).is_dir():
+                raise UserError(f"with --tiny, {flag} is a folder written by `ipfacediff finetune --tiny`; {spec} is not a folder")
         if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
         torch.set_num_threads(1)  # tiny models run fastest on one thread; more only adds overhead
         print('ipfacediff: --tiny smoke run: tiny random models, the edited face pixels are noise (mechanics only)')
-        pipe = IPFaceDiffPipeline.tiny(a.seed, cache_dir=a.cache_dir, progress=progress)
+        pipe = IPFaceDiffPipeline.tiny(a.seed, a.identity_model, a.edit_model, cache_dir=a.cache_dir, progress=progress)
     else:
         if not (a.identity_model or a.edit_model):
             print('ipfacediff: note: ε1 and ε2 are the base SD 2.1 UNet; the paper uses fine-tuned branches (--identity-model, --edit-model)')

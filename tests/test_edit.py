@@ -109,7 +109,8 @@ def test_no_face_refused_without_output(tmp_path, capsys, monkeypatch):
     (['--tiny', '--side-by-side', 'nodir/s.mp4'], 'the folder nodir does not exist'),
     (['--tiny', '--side-by-side', 'o.mp4'], 'same file'),
     (['--tiny', '--side-by-side', 'taken.mp4'], 'taken.mp4 already exists'),
-    (['--tiny', '--identity-model', 'runs/e1'], 'drop --model / --identity-model'),
+    (['--tiny', '--identity-model', 'runs/e1'], 'with --tiny, --identity-model is a folder written by `ipfacediff finetune --tiny`'),
+    (['--tiny', '--model', 'stabilityai/x'], '--tiny uses tiny random models: drop --model'),
     (['--tiny', '--max-frames', '0'], '--max-frames must be at least 1'),
     (['--device', 'tpu'], "unknown device 'tpu'"),
 ])

@@ -164,3 +164,21 @@ def test_cli_overwrite_deletes_nothing_on_bad_input(faces, tmp_path, capsys):
         assert main(args) == 2, bad
         assert capsys.readouterr().err.count('\n') == 1
         assert sorted(p.name for p in out.iterdir()) == before, bad
+
+def test_tiny_branches_drive_a_tiny_edit(faces, f_arc, tmp_path, capsys, monkeypatch):
+    "The README's workflow offline: ε1 (eq. 5) and ε2 (eq. 6) fine-tuned on the tiny models, then `edit --tiny` with both."
+    from ipfacediff.pipeline import IPFaceDiffPipeline
+    from ipfacediff.utils import data_path
+    for mode in ('identity', 'directional'):
+        _ft(faces, tmp_path / mode, f_arc if mode == 'identity' else None, mode=mode, steps=2).train(progress=False)
+    pipe = IPFaceDiffPipeline.tiny(0, tmp_path / 'identity', tmp_path / 'directional', progress=False)
+    assert pipe.adapters is not None and pipe.shared       # two LoRA adapters of one UNet, one forward for both
+    monkeypatch.setenv('IPFACEDIFF_CACHE', str(tmp_path / 'cache'))
+    run = ['edit', str(data_path('sample.mp4')), '--prompt', 'add glasses', '--tiny', '--max-frames', '4', '--steps', '2', '--quiet']
+    assert main([*run, '--out', str(tmp_path / 'base.mp4')]) == 0
+    capsys.readouterr()
+    assert main([*run, '--out', str(tmp_path / 'ft.mp4'), '--identity-model', str(tmp_path / 'identity'),
+                 '--edit-model', str(tmp_path / 'directional')]) == 0
+    out = capsys.readouterr().out
+    assert 'inversion: computed' in out, out                 # another ε1: the base model's inversion is not reused
+    assert (tmp_path / 'ft.mp4').read_bytes() != (tmp_path / 'base.mp4').read_bytes()
