@@ -495,12 +495,17 @@ def finetune(cfg: FinetuneConfig, resume=False, overwrite: bool = False, progres
 # %% ../nbs/06_finetune.ipynb #33e1c0d5
 _TINY_DEFAULTS = dict(steps=4, batch_size=2, size=64, inversion_steps=10, rank=4, checkpoint_every=2)   # --tiny: a smoke run
 
+_UNUSED_BY = {'identity': ('clip', 'lambda1', 'lambda2', 'templates'),   # L_dir's options, with L_id
+              'directional': ('embedder',)}                          # f_arc, with L_dir
+
 def config_from_args(a) -> FinetuneConfig:
     "The run's `FinetuneConfig` from parsed `ipfacediff finetune` arguments: options not given take the paper's defaults, or with `--tiny` the smoke-run sizes of `_TINY_DEFAULTS`."
     keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
     kw = {k: v for k, v in vars(a).items() if k in keys and v is not None}
     given = [f'--{k}' for k in ('model', 'clip') if a.tiny and getattr(a, k) != getattr(FinetuneConfig, k)]
     if given: raise UserError(f"--tiny uses tiny random SD and CLIP models: drop {' / '.join(given)}")
+    unused = [f'--{k}' for k in _UNUSED_BY[a.mode] if getattr(a, k, None) not in (None, getattr(FinetuneConfig, k))]
+    if unused: raise UserError(f"{a.mode} fine-tuning does not use {' / '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
     return FinetuneConfig(**({**_TINY_DEFAULTS, **kw} if a.tiny else kw))
 
 def add_cli(sub):
