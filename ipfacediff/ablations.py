@@ -8,7 +8,7 @@ import json, math, os, shlex, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError
+from .utils import UserError, inside, usable_cache_dir
 from .models import DEFAULT_MODEL
 
 # %% auto #0
@@ -145,7 +145,9 @@ def _replace_paths(x, old: str, new: str):
     if isinstance(x, list): return [_replace_paths(v, old, new) for v in x]
     return x.replace(old, new) if isinstance(x, str) else x
 
-def _prepare_out(out: Path, overwrite: bool):
+def _prepare_out(out: Path, overwrite: bool, inputs=()):
+    for p in inputs:                                 # the study replaces `out` as a whole
+        if p is not None and inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the study would delete it; choose another --out")
     if out.exists():
         if not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
         if not out.is_dir(): raise UserError(f"{out} is a file: --out must be a folder")
@@ -206,11 +208,11 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     for spec, flag in ((identity_model, '--identity-model'), (edit_model, '--edit-model')):
         if spec and str(spec).startswith(('.', '/', '~')) and not Path(spec).expanduser().exists():
             raise UserError(f"{flag} {spec} does not exist: pass the folder `ipfacediff finetune` wrote")
-    _prepare_out(out, overwrite)
+    _prepare_out(out, overwrite, (video, gallery))
     embs = _parse_recognizers(recognizers)          # fails now (one line) if a recognizer is unknown or lacks weights
     rec0 = list(embs)[0]
     if gallery is not None: list_media(gallery)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = usable_cache_dir(cache_dir if cache_dir is not None else default_cache_dir())
     if pipeline_factory is None:
         def pipeline_factory(e1, e2):
             return IPFaceDiffPipeline.from_pretrained(model, e1, e2, device=device, dtype=dtype, cache_dir=cache_dir,
@@ -316,7 +318,9 @@ def _run_cli(a) -> AblationResult:
         torch.set_num_threads(1)
         from ipfacediff.pipeline import EditConfig
         EditConfig(a.prompt, **s).validate()
-        _prepare_out(out, a.overwrite)
+        _prepare_out(out, a.overwrite, (a.video, a.gallery))
+        from ipfacediff.pipeline import default_cache_dir
+        usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)      # before the branches are fine-tuned
         print('ipfacediff: --tiny smoke run: tiny random models and branches fine-tuned for a few steps; the edited face pixels are noise (mechanics only)')
         import tempfile as _tf
         work = Path(_tf.mkdtemp(prefix='.ipfacediff-tiny.', dir=out.parent if str(out.parent) else '.'))

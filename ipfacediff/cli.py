@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
         print(f'ipfacediff {__version__}'); return 0
     parser = build_parser(argv, commands)
     args, extra = parser.parse_known_args(argv)
-    if extra: parser.commands.get(getattr(args, 'command', None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:                         # blamed on the command only when they came after its name
+        cmd = getattr(args, 'command', None)
+        after = cmd in argv and all(x in argv[argv.index(cmd) + 1:] for x in extra)
+        (parser.commands[cmd] if after else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, 'func', None):
         parser.print_help(sys.stderr); return 2
     try:

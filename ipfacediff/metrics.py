@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_dir, usable_cache_dir
+from .utils import UserError, atomic_dir, usable_cache_dir, inside
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
@@ -607,8 +607,9 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
     if out.exists() and any(out.iterdir()) and not (out / 'metrics.json').is_file():   # --overwrite replaces a report, nothing else
         raise UserError(f"--out {out} is not empty and holds no evaluation report: refusing to replace it; choose another --out")
-    for p in [original, gallery, *([edited] if isinstance(edited, (str, os.PathLike)) else edited)]:
-        if p is not None and (out.resolve() == Path(p).resolve() or out.resolve() in Path(p).resolve().parents):
+    edited = [edited] if isinstance(edited, (str, os.PathLike)) else list(edited)
+    for p in [original, gallery, *edited]:
+        if p is not None and inside(p, out):
             raise UserError(f"--out {out} holds the input {p}: replacing the report would delete it; choose another --out")
     if not (out.parent if str(out.parent) else Path('.')).is_dir():
         raise UserError(f"the folder {out.parent} does not exist: create it first or choose another --out")
@@ -625,7 +626,6 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     if clip is not None and not (prompt and source_prompt):
         raise UserError("the CLIP direction score needs both --prompt (the edit's target) and --source-prompt (describing the original)")
     if flow == 'raft': _raft_model('cuda' if torch.cuda.is_available() else 'cpu')   # fail early, before any work
-    edited = [edited] if isinstance(edited, (str, os.PathLike)) else list(edited)
     if not edited: raise UserError("no --edited folder given")
     with timer('list inputs'):
         originals = list_media(original)

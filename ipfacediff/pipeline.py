@@ -576,18 +576,26 @@ def run_edit(a) -> EditResult:
     cfg = EditConfig(a.prompt, **_settings_from_args(a)).validate()
     out = Path(a.out)
     check_outputs(out, a.side_by_side, a.overwrite, a.input)  # before the models load and the work starts
-    if a.cache_dir is not None: usable_cache_dir(a.cache_dir)
+    usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)   # made when first used
     progress = not a.quiet
     if a.tiny:
         if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
         if a.model != DEFAULT_MODEL: raise UserError("--tiny uses tiny random models: drop --model")
+        runs = {}
         for flag, spec in (('--identity-model', a.identity_model), ('--edit-model', a.edit_model)):
-            if spec and not Path(spec).is_dir():
+            if spec in (None, '', 'base'): continue
+            if not Path(spec).is_dir():
                 raise UserError(f"with --tiny, {flag} is a folder written by `ipfacediff finetune --tiny`; {spec} is not a folder")
+            try: runs[spec] = json.loads((Path(spec) / 'config.json').read_text())
+            except (OSError, ValueError): raise UserError(f"{flag} {spec} has no readable config.json: give a folder written by `ipfacediff finetune --tiny`") from None
+            if not runs[spec].get('tiny'): raise UserError(f"{flag} {spec} was fine-tuned on SD 2.1, not with --tiny: drop --tiny to use it")
+        seeds = {r.get('seed', 0) for r in runs.values()}
+        if len(seeds) > 1: raise UserError(f"the two branches were fine-tuned on different tiny models (--seed {' and '.join(map(str, sorted(seeds)))}): train both with one --seed")
         if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
         torch.set_num_threads(1)  # tiny models run fastest on one thread; more only adds overhead
         print('ipfacediff: --tiny smoke run: tiny random models, the edited face pixels are noise (mechanics only)')
-        pipe = IPFaceDiffPipeline.tiny(a.seed, a.identity_model, a.edit_model, cache_dir=a.cache_dir, progress=progress)
+        base_seed = seeds.pop() if seeds else a.seed   # the tiny models the branches were trained on
+        pipe = IPFaceDiffPipeline.tiny(base_seed, a.identity_model, a.edit_model, cache_dir=a.cache_dir, progress=progress)
     else:
         if not (a.identity_model or a.edit_model):
             print('ipfacediff: note: ε1 and ε2 are the base SD 2.1 UNet; the paper uses fine-tuned branches (--identity-model, --edit-model)')

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'cpu_workers',
+__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside', 'cpu_workers',
            'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'to_device']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
@@ -77,13 +77,25 @@ def atomic_dir(path, overwrite: bool = False):
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/00a_utils.ipynb #8eb46824
-def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)') -> Path:
-    "`path` as a folder, made if missing; a `UserError` if it cannot be."
+def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:
+    "`path` as a folder, made if missing (with `create=False` only checked: nothing is made); a `UserError` if it cannot be."
     path = Path(path)
+    if not create:
+        a = path
+        while not a.exists() and a != a.parent: a = a.parent   # the nearest part that exists
+        if not a.is_dir(): raise UserError(f"the cache folder {path} is a file (or lies under one): give a folder with {flag}")
+        if not os.access(a, os.W_OK | os.X_OK): raise UserError(f"cannot make the cache folder {path} (no write permission in {a}): give a folder you can write to with {flag}")
+        return path
     try: path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError): raise UserError(f"the cache folder {path} is a file (or lies under one): give a folder with {flag}") from None
     except OSError as e: raise UserError(f"cannot make the cache folder {path} ({e.strerror}): give a folder you can write to with {flag}") from None
     return path
+
+# %% ../nbs/00a_utils.ipynb #c030f87d
+def inside(path, folder) -> bool:
+    "Whether `path` is `folder` or lies somewhere under it (links and `..` resolved)."
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    return p == f or f in p.parents
 
 # %% ../nbs/00a_utils.ipynb #709456f1
 def cpu_workers(workers: int | None = None) -> int:
@@ -136,9 +148,8 @@ def seeded(seed: int, device='cpu'):
         yield
 
 # %% ../nbs/00a_utils.ipynb #3ca48327
-def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    "`t` on `device` (in `dtype` if given); a CPU → CUDA copy goes through pinned memory and is queued without waiting for the GPU."
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    "`t` on `device`; a CPU → CUDA copy goes through pinned memory and is queued without waiting for the GPU."
     device = torch.device(device)
-    if dtype is not None and t.device.type == 'cpu': t = t.to(dtype)     # cast on the CPU: fewer bytes to copy
-    if device.type == 'cuda' and t.device.type == 'cpu': return t.pin_memory().to(device, dtype, non_blocking=True)
-    return t.to(device, dtype)
+    if device.type == 'cuda' and t.device.type == 'cpu': return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -84,3 +84,12 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, m
     assert rc == 2, (o, e)
     assert msg in e and e.count('\n') == 1 and 'Traceback' not in e
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ['cache']) and not out.exists()
+
+def test_never_replaces_a_folder_holding_the_input(tmp_path, capsys, monkeypatch):
+    "--overwrite replaces an earlier study, but not one that holds the input video: that would delete it."
+    out = tmp_path / 'study'; out.mkdir()
+    (out / 'ablations.json').write_text('{}'); shutil.copy(SAMPLE, out / 'clip.mp4')
+    rc, o, e = inprocess(capsys, monkeypatch, str(out / 'clip.mp4'), '--prompt', 'add glasses', '--out', str(out), '--tiny', '--overwrite',
+                         cache=tmp_path / 'cache')
+    assert rc == 2 and 'holds the input' in e and e.count('\n') == 1, e
+    assert sorted(p.name for p in out.iterdir()) == ['ablations.json', 'clip.mp4']

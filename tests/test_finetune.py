@@ -182,3 +182,11 @@ def test_tiny_branches_drive_a_tiny_edit(faces, f_arc, tmp_path, capsys, monkeyp
     out = capsys.readouterr().out
     assert 'inversion: computed' in out, out                 # another ε1: the base model's inversion is not reused
     assert (tmp_path / 'ft.mp4').read_bytes() != (tmp_path / 'base.mp4').read_bytes()
+    # branches of other tiny models, or of SD 2.1, are refused before any work
+    import json, shutil
+    for name, change, msg in (('seed1', {'seed': 1}, 'different tiny models (--seed 0 and 1)'), ('sd', {'tiny': False}, 'not with --tiny')):
+        shutil.copytree(tmp_path / 'directional', tmp_path / name)
+        c = json.loads((tmp_path / name / 'config.json').read_text()); c.update(change)
+        (tmp_path / name / 'config.json').write_text(json.dumps(c))
+        assert main([*run, '--out', str(tmp_path / f'{name}.mp4'), '--identity-model', str(tmp_path / 'identity'), '--edit-model', str(tmp_path / name)]) == 2
+        assert msg in capsys.readouterr().err and not (tmp_path / f'{name}.mp4').exists()
