@@ -8,7 +8,7 @@ import json, math, os, shlex, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, inside, usable_cache_dir
+from .utils import UserError, check_report_folder, usable_cache_dir
 from .models import DEFAULT_MODEL
 
 # %% auto #0
@@ -146,15 +146,8 @@ def _replace_paths(x, old: str, new: str):
     return x.replace(old, new) if isinstance(x, str) else x
 
 def _prepare_out(out: Path, overwrite: bool, inputs=()):
-    for p in inputs:                                 # the study replaces `out` as a whole
-        if p is not None and inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the study would delete it; choose another --out")
-    if out.exists():
-        if not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
-        if not out.is_dir(): raise UserError(f"{out} is a file: --out must be a folder")
-        if any(out.iterdir()) and not (out / 'ablations.json').exists():
-            raise UserError(f"{out} is not empty and holds no ablation study: refusing to replace it; choose another --out")
-    parent = out.parent if str(out.parent) else Path('.')
-    if not parent.is_dir(): raise UserError(f"the folder {parent} does not exist: create it first or choose another --out")
+    "The study replaces `out` as a whole: `check_report_folder` with its marker, ablations.json."
+    check_report_folder(out, overwrite, 'ablations.json', 'ablation study', inputs)
 
 # %% ../nbs/11_ablations.ipynb #d3fab85f
 _NOT_EDIT_STAGES = ('read', 'track/align')     # shared by all rows (the face track is cached after the first)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_dir, usable_cache_dir, inside
+from .utils import UserError, atomic_dir, usable_cache_dir, check_report_folder
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
@@ -602,17 +602,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
              batch_size: int = 16, overwrite: bool = False, progress: bool = True, timer: StageTimer | None = None) -> dict:
     "Score edited videos against their originals (Tables 1 and 3); writes the report folder `out` (see above) and returns metrics.json's content."
     timer = timer or StageTimer()
-    out = Path(out)
-    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder path for the report")
-    if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
-    if out.exists() and any(out.iterdir()) and not (out / 'metrics.json').is_file():   # --overwrite replaces a report, nothing else
-        raise UserError(f"--out {out} is not empty and holds no evaluation report: refusing to replace it; choose another --out")
     edited = [edited] if isinstance(edited, (str, os.PathLike)) else list(edited)
-    for p in [original, gallery, *edited]:
-        if p is not None and inside(p, out):
-            raise UserError(f"--out {out} holds the input {p}: replacing the report would delete it; choose another --out")
-    if not (out.parent if str(out.parent) else Path('.')).is_dir():
-        raise UserError(f"the folder {out.parent} does not exist: create it first or choose another --out")
+    out = check_report_folder(out, overwrite, 'metrics.json', 'evaluation report', [original, gallery, *edited])
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"--batch-size must be a whole number of at least 1, got {batch_size}")
     if fps is not None and not (isinstance(fps, (int, float, np.number)) and math.isfinite(fps) and fps > 0):

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside', 'cpu_workers',
-           'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'to_device']
+__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
+           'check_report_folder', 'cpu_workers', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
+           'to_device']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -96,6 +97,20 @@ def inside(path, folder) -> bool:
     "Whether `path` is `folder` or lies somewhere under it (links and `..` resolved)."
     p, f = Path(path).resolve(), Path(folder).resolve()
     return p == f or f in p.parents
+
+# %% ../nbs/00a_utils.ipynb #8fcf666d
+def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=()) -> Path:
+    "Refuse an `--out` folder that must not be replaced (see above); returns `out` as a `Path`."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder path for the {what}")
+    if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
+    if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"--out {out} is not empty and holds no {what}: refusing to replace it; choose another --out")
+    for p in inputs:
+        if p is not None and inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the {what} would delete it; choose another --out")
+    parent = out.parent if str(out.parent) else Path('.')
+    if not parent.is_dir(): raise UserError(f"the folder {parent} does not exist: create it first or choose another --out")
+    return out
 
 # %% ../nbs/00a_utils.ipynb #709456f1
 def cpu_workers(workers: int | None = None) -> int:
