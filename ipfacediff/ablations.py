@@ -201,7 +201,8 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     for spec, flag in ((identity_model, '--identity-model'), (edit_model, '--edit-model')):
         if spec and str(spec).startswith(('.', '/', '~')) and not Path(spec).expanduser().exists():
             raise UserError(f"{flag} {spec} does not exist: pass the folder `ipfacediff finetune` wrote")
-    _prepare_out(out, overwrite, (video, gallery))
+    local = [p for p in (model, identity_model, edit_model) if p and Path(str(p)).expanduser().exists()]   # not hub ids
+    _prepare_out(out, overwrite, [video, gallery, *local])
     embs = _parse_recognizers(recognizers)          # fails now (one line) if a recognizer is unknown or lacks weights
     rec0 = list(embs)[0]
     if gallery is not None: list_media(gallery)
@@ -305,9 +306,8 @@ def _run_cli(a) -> AblationResult:
     model, e1, e2, device, smoke = a.model, a.identity_model, a.edit_model, a.device or 'auto', False
     if a.tiny:
         if a.identity_model or a.edit_model: raise UserError("--tiny makes its own branches: drop --identity-model / --edit-model")
-        if a.model != DEFAULT_MODEL: raise UserError("--tiny uses tiny random models: drop --model")
-        if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
-        if device not in ('auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
+        from ipfacediff.pipeline import check_tiny_flags
+        check_tiny_flags(a)
         torch.set_num_threads(1)
         from ipfacediff.pipeline import EditConfig
         EditConfig(a.prompt, **s).validate()

@@ -129,9 +129,10 @@ class BenchTimer(StageTimer):
     def __init__(self, pipe: IPFaceDiffPipeline, interval: float | None = None):
         super().__init__(cuda_sync='auto')
         import psutil
-        # RSS is sampled on a thread: every 2 ms on CPU; every 20 ms on a GPU, where the sampler would otherwise
-        # keep taking the GIL from the thread launching kernels (CUDA memory has its own exact peak counter)
-        if interval is None: interval = 0.02 if torch.cuda.is_available() else 0.002
+        # RSS is sampled on a thread: every 2 ms when the pipeline runs on the CPU; every 20 ms when it runs on CUDA,
+        # where the sampler would otherwise keep taking the GIL from the thread launching kernels (CUDA memory has its
+        # own exact peak counter). The pipeline's device decides: `bench --device cpu` on a GPU machine samples every 2 ms.
+        if interval is None: interval = 0.02 if pipe.c.device.type == 'cuda' else 0.002
         self.pipe, self.proc, self.interval = pipe, psutil.Process(), interval
         self.rss_peak, self.cuda_peak, self.unet_rows, self.cpu_seconds, self.forward_rows = {}, {}, {}, {}, {}
         self.rss_start = self.proc.memory_info().rss

@@ -104,7 +104,7 @@ def check_demo_args(out, steps, overwrite: bool = False):
     return out, n
 
 def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
-    "Plot ᾱ_t and a real face under q(y_t|y_0) to `out`; return the relative round-trip error with N(0, I) data and its analytic ε*."
+    "Plot ᾱ_t, the SNR ᾱ_t/(1−ᾱ_t) and a real face under q(y_t|y_0) to `out`; return the relative round-trip error with N(0, I) data and its analytic ε*."
     out, steps = check_demo_args(out, steps, overwrite)
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -119,7 +119,11 @@ def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
     img = torch.tensor(astronaut()[:256, 96:352] / 127.5 - 1).permute(2, 0, 1)
     ts = [0, 250, 500, 750, 999]
     fig, axs = plt.subplots(1, 1 + len(ts), figsize=(14, 2.8))
-    axs[0].plot(A.numpy()); axs[0].set_title('ᾱ_t (SD 2.1)'); axs[0].set_xlabel('t')
+    axs[0].plot(A.numpy(), color='C0'); axs[0].set_title('ᾱ_t and SNR (SD 2.1)'); axs[0].set_xlabel('t')
+    axs[0].set_ylabel('ᾱ_t', color='C0'); axs[0].tick_params(axis='y', colors='C0')
+    snr = axs[0].twinx()                                                # SNR = ᾱ_t/(1−ᾱ_t), 1175 … 0.0047: a log axis
+    snr.semilogy((A / (1 - A)).numpy(), color='C1', ls='--'); snr.set_ylabel('SNR = ᾱ_t/(1−ᾱ_t)', color='C1')
+    snr.tick_params(axis='y', which='both', colors='C1')
     for ax, t in zip(axs[1:], ts):
         yt = q_sample(img, t, torch.randn(img.shape, generator=g, dtype=torch.float64), A)
         ax.imshow(((yt.permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy()); ax.set_title(f'q(y_t|y_0), t={t}'); ax.axis('off')

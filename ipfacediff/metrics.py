@@ -610,8 +610,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         raise UserError(f"--fps must be a number above 0 (the paper: 10), got {fps}")
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1):
         raise UserError(f"--max-frames must be a whole number of at least 1, got {max_frames}")
-    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise UserError(f"--cache-dir {cache_dir} is a file: give a folder for the embedding cache")
+    if cache_dir is not None: cache_dir = usable_cache_dir(cache_dir, '--cache-dir', create=False)   # made when first used
     if rank_metric not in ('cosine', 'euclidean'): raise UserError(f"unknown --rank-metric {rank_metric!r}: use cosine or euclidean")
     if flow not in FLOW_METHODS: raise UserError(f"unknown --flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")
     if clip is not None and not (prompt and source_prompt):

@@ -24,8 +24,8 @@ from .metrics import StageTimer, content_hash
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
            'default_cache_dir', 'cache_key', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
            'decode_latents', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
-           'check_outputs', 'edit', 'edit_video', 'is_lora_dir', 'AdapterRows', 'load_adapter_pair', 'optimize',
-           'run_edit', 'add_cli']
+           'check_outputs', 'edit', 'edit_video', 'is_lora_dir', 'lora_layers', 'rows_routable', 'AdapterRows',
+           'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -52,7 +52,7 @@ class EditConfig:
     max_frames: int | None = None
     seed: int = 0
     identity_injection: bool = True # §5.6 ablation: ε1 → ε2 feature injection on/off
-    propagation: bool = True        # §5.6 ablation: TokenFlow propagation vs per-frame editing
+    propagation: bool = True        # ablation beyond §5.6: TokenFlow propagation vs per-frame editing
     nn_from: str = 'edit'           # NN field after the injection window: 'edit' (ε2's own tokens) or 'source' (an ε1 pass)
     keyframe_window: int | None = 8 # most keyframes in one extended-attention group (None: all, TokenFlow's quadratic way)
     mask: str = 'face'              # what is pasted back: 'face', 'head' (with the hair, for hair edits) or 'crop'
@@ -169,9 +169,11 @@ class IPFaceDiffPipeline:
     def from_components(cls, comps: SDComponents, identity_model=None, edit_model=None, batch_adapters: bool = True, **kw):
         "ε1/ε2 built on the base UNet of `comps` (see `from_pretrained`)."
         specs = (identity_model, edit_model)
+        pair = None
         if batch_adapters and any(is_lora_dir(s) for s in specs) and all(is_lora_dir(s) or s in (None, '', 'base') for s in specs):
-            unet, rows = load_adapter_pair(comps.unet, *specs)
-            p = cls(comps, unet, unet, **kw); p.adapters = rows
+            pair = load_adapter_pair(comps.unet, *specs)
+        if pair is not None:
+            p = cls(comps, pair[0], pair[0], **kw); p.adapters = pair[1]
         else:
             p = cls(comps, load_branch(identity_model, comps.unet, 'identity model (ε1)'),
                     load_branch(edit_model, comps.unet, 'edit model (ε2)'), **kw)
@@ -468,15 +470,25 @@ def is_lora_dir(spec) -> bool:
     p = Path(str(spec)).expanduser()
     return p.is_dir() and (p / 'adapter_config.json').exists()
 
+def lora_layers(unet) -> list:
+    "peft's LoRA layers in `unet`."
+    from peft.tuners.lora import LoraLayer
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+def rows_routable(layer) -> bool:
+    "Is the layer's LoRA term B(A(x))·s, row by row (linear or convolutional, no variant such as DoRA)?"
+    kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    return (all(isinstance(a, kinds) for a in layer.lora_A.values()) and not getattr(layer, 'lora_variant', None)
+            and not any(getattr(layer, 'use_dora', {}).values()))
+
 class AdapterRows:
     "ε1's and ε2's LoRA adapters of one UNet ('__base__' = the base weights), each applied to its own block of rows of every forward."
     def __init__(self, unet, eps1: str = 'eps1', eps2: str = 'eps2'):
-        from peft.tuners.lora import LoraLayer, Linear as LoraLinear
         self.unet, self.eps1, self.eps2 = unet, eps1, eps2
-        self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        self.layers = lora_layers(unet)
         if not self.layers: raise ValueError('the UNet carries no LoRA layers')
-        odd = [type(m).__name__ for m in self.layers if not isinstance(m, LoraLinear) or getattr(m, 'lora_variant', None)]
-        if odd: raise ValueError(f"AdapterRows routes plain LoRA on linear layers, not {odd[0]}: load the branches as two UNets instead")
+        odd = [type(m).__name__ for m in self.layers if not rows_routable(m)]
+        if odd: raise ValueError(f"AdapterRows adds B·A·x on linear and conv layers, not a {odd[0]} with a LoRA variant (DoRA …): load the branches as two UNets instead")
         self.control, self.rows, self.forwards = None, None, 0
         self._grad = [(p, p.requires_grad) for m in self.layers for p in m.parameters()]
         for m in self.layers: m.enable_adapters(False)       # peft's forward now gives the base layer's output alone
@@ -516,8 +528,9 @@ class AdapterRows:
         for p, g in self._grad: p.requires_grad_(g)
         self._handles = []
 
-def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module, AdapterRows]:
-    "ε1 and ε2 (LoRA adapter folders, or None/'base' for the base weights) loaded into `base` itself, routed per row."
+def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module, AdapterRows] | None:
+    """ε1 and ε2 (LoRA adapter folders, or None/'base' for the base weights) loaded into `base` itself, routed per row;
+    None, with `base` as it was, when an adapter cannot be applied row by row (DoRA and other variants)."""
     from peft import PeftModel
     dev, dt = base.device, base.dtype
     m, names = None, []
@@ -530,6 +543,11 @@ def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module
         except Exception as e: raise UserError(f"{what} {spec} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         names.append(name)
     if m is None: raise UserError('neither branch is a LoRA adapter')
+    if not all(rows_routable(l) for l in lora_layers(m.base_model.model)):
+        m.unload()                                              # `base` without the adapters again
+        warnings.warn('the LoRA adapters use DoRA or another variant that cannot be added row by row: '
+                      'ε1 and ε2 run as two UNets (two forwards per batch of frames)')
+        return None
     unet = move(m.base_model.model, dev, dt).eval().requires_grad_(False)
     return unet, AdapterRows(unet, *names)
 
@@ -569,6 +587,12 @@ def _settings_from_args(a) -> dict:
     s['identity_injection'], s['propagation'] = not a.no_identity_injection, not a.no_propagation
     return {k: v for k, v in s.items() if v is not None or k == 'keyframe_window'}
 
+def check_tiny_flags(a):
+    "With `--tiny` (tiny random models, float32, CPU), refuse the options that choose other models, a dtype or a device."
+    if a.model != DEFAULT_MODEL: raise UserError("--tiny uses tiny random models: drop --model")
+    if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
+    if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
+
 def run_edit(a) -> EditResult:
     """Edit the face in a video by a text prompt: track and align the face, invert it with ε1 (cached), edit it
     with ε2 guided by ε1's features and keyframe propagation, paste it back and write the video."""
@@ -579,8 +603,7 @@ def run_edit(a) -> EditResult:
     usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)   # made when first used
     progress = not a.quiet
     if a.tiny:
-        if a.device not in (None, 'auto', 'cpu'): raise UserError("--tiny runs on the CPU: drop --device")
-        if a.model != DEFAULT_MODEL: raise UserError("--tiny uses tiny random models: drop --model")
+        check_tiny_flags(a)
         runs = {}
         for flag, spec in (('--identity-model', a.identity_model), ('--edit-model', a.edit_model)):
             if spec in (None, '', 'base'): continue
@@ -591,7 +614,6 @@ def run_edit(a) -> EditResult:
             if not runs[spec].get('tiny'): raise UserError(f"{flag} {spec} was fine-tuned on SD 2.1, not with --tiny: drop --tiny to use it")
         seeds = {r.get('seed', 0) for r in runs.values()}
         if len(seeds) > 1: raise UserError(f"the two branches were fine-tuned on different tiny models (--seed {' and '.join(map(str, sorted(seeds)))}): train both with one --seed")
-        if a.dtype not in (None, 'auto', 'float32', 'fp32'): raise UserError("--tiny runs in float32 on the CPU: drop --dtype")
         torch.set_num_threads(1)  # tiny models run fastest on one thread; more only adds overhead
         print('ipfacediff: --tiny smoke run: tiny random models, the edited face pixels are noise (mechanics only)')
         base_seed = seeds.pop() if seeds else a.seed   # the tiny models the branches were trained on

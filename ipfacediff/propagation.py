@@ -12,7 +12,7 @@ from .injection import (AttentionControl, resolve_attn_layers, _keep, BatchedSou
                         DEFAULT_ATTN_LAYERS, DEFAULT_CONV_LAYERS)
 
 # %% auto #0
-__all__ = ['frame_batches', 'sample_keyframes', 'extended_attention', 'nearest_neighbours', 'propagation_weights',
+__all__ = ['frame_batches', 'sample_keyframes', 'extended_attention', 'unit_tokens', 'nearest_neighbours', 'propagation_weights',
            'propagate_features', 'Keyframes', 'TokenFlowPlan', 'TokenFlowControl']
 
 # %% ../nbs/08_tokenflow.ipynb #e7ac624a
@@ -37,11 +37,16 @@ def extended_attention(q, k, v, chunk_size: int | None = None) -> torch.Tensor:
     return o.reshape(h, K, L, d).transpose(0, 1)
 
 # %% ../nbs/08_tokenflow.ipynb #5fb767a2
-def nearest_neighbours(x: torch.Tensor, y: torch.Tensor, index=None, chunk_size: int = 1024) -> torch.Tensor:
-    "γ: for each token of x[i] (n, L, C), the index of the most cosine-similar token of y[index[i]] (K, M, C); (n, L)."
+def unit_tokens(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    "Tokens scaled to unit length along the last axis, in float32, then cast to `dtype` (default: t's own)."
+    return F.normalize(t.float(), dim=-1).to(t.dtype if dtype is None else dtype)
+
+def nearest_neighbours(x: torch.Tensor, y: torch.Tensor, index=None, chunk_size: int = 1024, normalized: bool = False) -> torch.Tensor:
+    """γ: for each token of x[i] (n, L, C), the index of the most cosine-similar token of y[index[i]] (K, M, C); (n, L).
+    `normalized=True`: x and y are already `unit_tokens(x)` and `unit_tokens(y, x.dtype)` (normalised once, reused)."""
     index = torch.arange(x.shape[0], device=y.device) if index is None else torch.as_tensor(index).to(y.device)
-    xn = F.normalize(x.float(), dim=-1).to(x.dtype)
-    yn = F.normalize(y.float(), dim=-1).to(x.dtype)[index].transpose(1, 2)    # (n, C, M): keyframe index[i] for frame i
+    xn = x if normalized else unit_tokens(x)
+    yn = (y if normalized else unit_tokens(y, x.dtype))[index].transpose(1, 2)    # (n, C, M): keyframe index[i] for frame i
     return torch.cat([torch.bmm(xn[:, s:s + chunk_size], yn).argmax(-1) for s in range(0, x.shape[1], chunk_size)], 1)
 
 def propagation_weights(frame_idx, kf_idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,8 +72,10 @@ def propagate_features(kf_out, kf_tokens, tokens, frame_idx, kf_idx, chunk_size:
         return torch.cat([propagate_features(kf_out[c:c + 1], kf_tokens[c], tokens[c], frame_idx, kf_idx, chunk_size, (jm, jp, wm))
                           for c in range(kf_out.shape[0])])
     m, _, L, C = kf_out.shape
-    # both fields for every frame: where j⁻ = j⁺ the second is the first again and gets weight 0 (skipping it would cost a host sync)
-    nn_m, nn_p = (nearest_neighbours(tokens, kf_tokens, j, chunk_size) for j in (jm, jp))
+    # both fields for every frame: where j⁻ = j⁺ the second is the first again and gets weight 0 (skipping it would cost a host sync);
+    # the tokens are normalised once for both lookups
+    xn, yn = unit_tokens(tokens), unit_tokens(kf_tokens, tokens.dtype)
+    nn_m, nn_p = (nearest_neighbours(xn, yn, j, chunk_size, normalized=True) for j in (jm, jp))
     take = lambda j, nn: torch.gather(kf_out[:, j], 2, nn[None, :, :, None].expand(m, -1, -1, C))
     w = wm[None, :, None, None]
     return w * take(jm, nn_m) + (1 - w) * take(jp, nn_p)

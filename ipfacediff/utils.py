@@ -35,15 +35,15 @@ def data_path(*parts: str) -> Path:
     return p
 
 # %% ../nbs/00a_utils.ipynb #62eab938
-def _check_target(path: Path, overwrite: bool, want_dir: bool) -> Path:
-    "The parent folder of an output `path`, after refusing what must not be replaced."
+def _check_target(path: Path, overwrite: bool, want_dir: bool, name: str = 'output path', what: str = 'output') -> Path:
+    "The parent folder of an output `path`, after refusing what must not be replaced (`name`, `what`: words for the messages)."
     if path.exists() and path.is_dir() != want_dir:     # first: --overwrite would not help
-        raise UserError(f"{path} is a {'file' if want_dir else 'folder'}: give a {'folder' if want_dir else 'file'} path for the output")
+        raise UserError(f"{path} is a {'file' if want_dir else 'folder'}: give a {'folder' if want_dir else 'file'} path for the {what}")
     if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists: choose another output path or pass --overwrite")
+        raise UserError(f"{path} already exists: choose another {name} or pass --overwrite")
     parent = path.parent if str(path.parent) else Path('.')
     if not parent.is_dir():
-        raise UserError(f"the folder {parent} does not exist: create it first or choose another output path")
+        raise UserError(f"the folder {parent} does not exist: create it first or choose another {name}")
     return parent
 
 @contextlib.contextmanager
@@ -81,15 +81,15 @@ def atomic_dir(path, overwrite: bool = False):
 def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:
     "`path` as a folder, made if missing (with `create=False` only checked: nothing is made); a `UserError` if it cannot be."
     path = Path(path)
-    if not create:
-        a = path
-        while not a.exists() and a != a.parent: a = a.parent   # the nearest part that exists
-        if not a.is_dir(): raise UserError(f"the cache folder {path} is a file (or lies under one): give a folder with {flag}")
-        if not os.access(a, os.W_OK | os.X_OK): raise UserError(f"cannot make the cache folder {path} (no write permission in {a}): give a folder you can write to with {flag}")
-        return path
-    try: path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError): raise UserError(f"the cache folder {path} is a file (or lies under one): give a folder with {flag}") from None
-    except OSError as e: raise UserError(f"cannot make the cache folder {path} ({e.strerror}): give a folder you can write to with {flag}") from None
+    a = path
+    while not a.exists() and a != a.parent: a = a.parent       # the nearest part that exists
+    if not a.is_dir(): raise UserError(f"the cache folder {path} is a file (or lies under one): give a folder with {flag}")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise UserError(f"cannot {'write to' if a == path else 'make'} the cache folder {path} (no write permission in {a}): "
+                        f"give a folder you can write to with {flag}")
+    if create:
+        try: path.mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise UserError(f"cannot make the cache folder {path} ({e.strerror}): give a folder you can write to with {flag}") from None
     return path
 
 # %% ../nbs/00a_utils.ipynb #c030f87d
@@ -102,14 +102,11 @@ def inside(path, folder) -> bool:
 def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=()) -> Path:
     "Refuse an `--out` folder that must not be replaced (see above); returns `out` as a `Path`."
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder path for the {what}")
-    if out.exists() and not overwrite: raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
+    _check_target(out, overwrite, want_dir=True, name='--out', what=what)
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"--out {out} is not empty and holds no {what}: refusing to replace it; choose another --out")
     for p in inputs:
         if p is not None and inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the {what} would delete it; choose another --out")
-    parent = out.parent if str(out.parent) else Path('.')
-    if not parent.is_dir(): raise UserError(f"the folder {parent} does not exist: create it first or choose another --out")
     return out
 
 # %% ../nbs/00a_utils.ipynb #709456f1

@@ -93,3 +93,13 @@ def test_never_replaces_a_folder_holding_the_input(tmp_path, capsys, monkeypatch
                          cache=tmp_path / 'cache')
     assert rc == 2 and 'holds the input' in e and e.count('\n') == 1, e
     assert sorted(p.name for p in out.iterdir()) == ['ablations.json', 'clip.mp4']
+
+def test_never_replaces_a_folder_holding_the_branches(tmp_path, capsys, monkeypatch):
+    "The fine-tuned branches are inputs too: an earlier study's folder that holds them is not replaced (before any model loads)."
+    out = tmp_path / 'study'; out.mkdir()
+    (out / 'ablations.json').write_text('{}')
+    for b in ('eps1', 'eps2'): (out / b).mkdir(); (out / b / 'adapter_config.json').write_text('{}')
+    rc, o, e = inprocess(capsys, monkeypatch, SAMPLE, '--prompt', 'add glasses', '--out', str(out), '--overwrite',
+                         '--identity-model', str(out / 'eps1'), '--edit-model', str(out / 'eps2'), cache=tmp_path / 'cache')
+    assert rc == 2 and 'holds the input' in e and 'eps1' in e and e.count('\n') == 1, e
+    assert sorted(p.name for p in out.iterdir()) == ['ablations.json', 'eps1', 'eps2']
