@@ -72,7 +72,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     else: file.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
-    "Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."
+    "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation, 2 bad input, 130 interrupted)."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--version']:  # answer without importing torch
         print(f'ipfacediff {__version__}'); return 0
@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
         print(f'ipfacediff: error: {e}', file=sys.stderr); return UserError.exit_code
     except KeyboardInterrupt:
         print('ipfacediff: interrupted', file=sys.stderr); return 130
+    except OSError as e:              # disk full, a name too long, no permission: what the system said, on one line
+        where = f': {e.filename}' if e.filename else ''
+        print(f'ipfacediff: error: {e.strerror or e}{where}', file=sys.stderr); return 1
     return 0
 
 # %% ../nbs/13_cli.ipynb #c774dda0

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from .utils import UserError, atomic_output, data_path, resolve_device, resolve_dtype
+from .utils import UserError, atomic_output, data_path, resolve_device, resolve_dtype, _check_target
 from .faces import track_faces, align_faces, detect_faces
 
 # %% auto #0
@@ -79,6 +79,7 @@ def caption_images(folder, model: str = DEFAULT_BLIP2, out=None, device='auto', 
     from tqdm.auto import tqdm
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     folder = Path(folder); rel = list_images(folder)
+    if out is not None: _check_target(Path(out), overwrite, want_dir=False)   # now, not after hours of captioning
     dev = resolve_device(device); dt = resolve_dtype(dtype, dev)
     try:
         proc = Blip2Processor.from_pretrained(model)

@@ -36,11 +36,13 @@ def _dlib_models():
     except ImportError: raise UserError("dlib is missing: pip install dlib-bin") from None
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path()))
 
+_TRACKING_RULES = 2   # bump when `detect_faces`/`track_faces` choose differently (2: full-size retry, followed by position)
+
 @functools.lru_cache(maxsize=None)
 def tracker_id() -> str:
-    "dlib's version and the landmark model's size: what, besides the settings, decides a track (for cache keys)."
+    "dlib's version, the landmark model's size and the tracking rules: what, besides the settings, decides a track (for cache keys)."
     import dlib
-    return f'dlib {dlib.__version__}, {dlib_model_path().stat().st_size} B landmark model'
+    return f'dlib {dlib.__version__}, {dlib_model_path().stat().st_size} B landmark model, tracking rules {_TRACKING_RULES}'
 
 _IDLE_DETECTORS = queue.SimpleQueue()
 
@@ -53,14 +55,19 @@ def _detector():
     finally: _IDLE_DETECTORS.put(det)
 
 # %% ../nbs/03_faces.ipynb #f882ff16
-def detect_faces(img: np.ndarray, max_side: int = 1024, upsample: int = 0) -> np.ndarray:
-    "Face boxes `(K, 4)` as `(x0, y0, x1, y1)` in `img`'s pixels, largest first (dlib HOG on a copy ≤ `max_side`)."
-    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    s = min(1.0, max_side / max(gray.shape[:2]))
+def _hog(gray: np.ndarray, s: float, upsample: int) -> np.ndarray:
+    "dlib HOG boxes `(K, 4)` found in `gray` scaled by `s` (≤ 1), in `gray`'s pixels, in dlib's order."
     small = cv2.resize(gray, (round(gray.shape[1] * s), round(gray.shape[0] * s)), interpolation=cv2.INTER_AREA) if s < 1 else gray
     with _detector() as det: rects = det(small, upsample)
-    boxes = np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], dtype=np.float64).reshape(-1, 4)
-    boxes /= s
+    return np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], dtype=np.float64).reshape(-1, 4) / s
+
+def detect_faces(img: np.ndarray, max_side: int = 1024, upsample: int = 0) -> np.ndarray:
+    """Face boxes `(K, 4)` as `(x0, y0, x1, y1)` in `img`'s pixels, largest first: dlib HOG on a copy ≤ `max_side`,
+    and on the full-size frame when that copy was smaller and shows no face."""
+    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    s = min(1.0, max_side / max(gray.shape[:2]))
+    boxes = _hog(gray, s, upsample)
+    if not len(boxes) and s < 1: boxes = _hog(gray, 1.0, upsample)    # faces too small for the copy
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return boxes[np.argsort(-area, kind='stable')]
 
@@ -111,7 +118,7 @@ class FaceTrack:
     frame_size: tuple               # (H, W) of the frames
     landmarks: np.ndarray           # (N, 68, 2) frame pixels; interpolated where `detected` is False
     boxes: np.ndarray               # (N, 4) detector boxes (x0, y0, x1, y1), interpolated likewise
-    detected: np.ndarray            # (N,) bool: a face was detected in this frame
+    detected: np.ndarray            # (N,) bool: the followed face was found in this frame
     n_faces: np.ndarray             # (N,) int: number of faces the detector saw
     raw_quads: np.ndarray           # (N, 4, 2) per-frame FFHQ quads before smoothing
     quads: np.ndarray               # (N, 4, 2) smoothed quads: the crops actually cut
@@ -124,10 +131,28 @@ class FaceTrack:
         return np.stack([apply_affine(M, l) for M, l in zip(self.crop_from_frame, self.landmarks)])
 
 # %% ../nbs/03_faces.ipynb #a459463c
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0])); iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy; area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
-    return inter / (area(a) + area(b) - inter + 1e-9)
+def _continues(prev: np.ndarray, found: np.ndarray, k: int) -> int | None:
+    """Index of the box in `found` that continues `prev`, the face's box `k` frames earlier, else None: the nearest
+    centre within (0.5 + 0.1 (k − 1)) × `prev`'s side (at most 1 side) of `prev`'s, with a side within 1.5× of it."""
+    if not len(found): return None
+    side = lambda b: np.sqrt((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))
+    s, r = side(prev), side(found) / side(prev)
+    d = np.linalg.norm((found[:, :2] + found[:, 2:]) / 2 - (prev[:2] + prev[2:]) / 2, axis=-1) / s
+    ok = (d <= min(0.5 + 0.1 * (k - 1), 1.0)) & (r <= 1.5) & (r >= 1 / 1.5)
+    return int(np.argmin(np.where(ok, d, np.inf))) if ok.any() else None
+
+def _follow(all_found, max_gap: int) -> tuple[list, list]:
+    "The followed face's index in each frame's boxes (None: not in that frame), and the frames where the track started afresh."
+    if all(len(f) <= 1 for f in all_found): return [0 if len(f) else None for f in all_found], []   # nobody to confuse it with
+    chosen, restarts, prev, last = [], [], None, -1
+    for i, found in enumerate(all_found):
+        j = None if prev is None else _continues(prev, found, i - last)
+        if j is None and len(found) and (prev is None or i - last > max_gap + 1):
+            j = 0                                            # start (again): the largest face
+            if prev is not None: restarts.append(i)
+        if j is not None: prev, last = found[j], i
+        chosen.append(j)
+    return chosen, restarts
 
 def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     "Linear interpolation over time (axis 0) of the frames where `ok` is False, from the frames where it is True."
@@ -145,33 +170,35 @@ def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | N
                          unit='frame', disable=not progress, leave=False))
 
 def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int = 1024, upsample: int = 0,
-                workers: int | None = None, progress: bool = True) -> FaceTrack:
+                workers: int | None = None, progress: bool = True, max_gap: int = 25) -> FaceTrack:
     """Detect, landmark and FFHQ-align one face through `frames` (uint8 `(N, H, W, 3)`), smoothing the crops over time.
+    The face is followed by its position; after more than `max_gap` frames without it, the largest face starts it afresh.
     Detection, most of the cost, runs on `workers` threads (default: all CPUs); the result does not depend on it."""
     n = len(frames)
     if n == 0: raise UserError("no frames to look for a face in")
     H, W = np.asarray(frames[0]).shape[:2]
     lms, boxes = np.zeros((n, 68, 2)), np.zeros((n, 4))
-    detected, n_faces, prev = np.zeros(n, bool), np.zeros(n, int), None
     all_found = detect_all(frames, max_side, upsample, workers, progress)
-    for i in tqdm(range(n), desc='tracking the face', unit='frame', disable=not progress, leave=False):
-        found = all_found[i]
-        n_faces[i] = len(found)
-        if not len(found): continue
-        best = found[0]
-        if prev is not None and len(found) > 1:
-            ious = [_iou(prev, b) for b in found]
-            if max(ious) > 0.3: best = found[int(np.argmax(ious))]
-        boxes[i], lms[i], detected[i], prev = best, face_landmarks(np.asarray(frames[i]), best), True, best
+    n_faces = np.array([len(f) for f in all_found], int)
+    chosen, restarts = _follow(all_found, max_gap)
+    detected = np.array([j is not None for j in chosen], bool)
+    for i in tqdm(np.flatnonzero(detected), desc='tracking the face', unit='frame', disable=not progress, leave=False):
+        boxes[i] = all_found[i][chosen[i]]
+        lms[i] = face_landmarks(np.asarray(frames[i]), boxes[i])
     if not detected.any():
         raise UserError(f"no face found in any of the {n} frames: give a video with a clearly visible, roughly frontal "
                         "face at least ~80 px wide (scale up a video whose face is smaller; from Python, track_faces(..., upsample=1) finds smaller faces)")
     if (n_faces > 1).any():
-        warnings.warn(f"{(n_faces > 1).sum()} of {n} frames show more than one face; "
-                      "the largest face is tracked and edited, the others are left as they are")
+        warnings.warn(f"{(n_faces > 1).sum()} of {n} frames show more than one face; one face is tracked and edited (the largest "
+                      "where the track starts, then followed by its position), the others are left as they are")
+    if restarts:
+        warnings.warn(f"the tracked face was lost for more than {max_gap} frames and the track started afresh with the largest "
+                      f"face at frame{'s' if len(restarts) > 1 else ''} {', '.join(map(str, restarts))}; it may be another person")
     if not detected.all():
-        warnings.warn(f"no face detected in {(~detected).sum()} of {n} frames; "
-                      "their face positions are interpolated from the neighbouring frames")
+        others = int(((~detected) & (n_faces > 0)).sum())
+        warnings.warn(f"the tracked face was not found in {(~detected).sum()} of {n} frames" +
+                      (f" (in {others} of them only other faces were seen)" if others else "") +
+                      "; its positions there are interpolated from the neighbouring frames")
         lms, boxes = _fill_gaps(lms, detected), _fill_gaps(boxes, detected)
     cx = np.array([np.concatenate(ffhq_quad(l)) for l in lms])           # (N, 4): c and x per frame
     raw_c, raw_x = cx[:, :2], cx[:, 2:]

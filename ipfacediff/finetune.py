@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .utils import UserError, resolve_device, seeded
+from .utils import UserError, resolve_device, seeded, inside
 from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
@@ -20,7 +20,7 @@ from .facedata import EditPrompts, FaceDataset
 
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'FinetuneConfig', 'StreamBatchSampler', 'invert_to', 'generate_x0', 'get_f_arc', 'save_lora',
-           'Finetuner', 'read_log', 'finetune', 'config_from_args', 'add_cli']
+           'collate_faces', 'Finetuner', 'read_log', 'finetune', 'config_from_args', 'add_cli']
 
 # %% ../nbs/06_finetune.ipynb #5e7ea481
 @dataclass
@@ -90,6 +90,7 @@ class FinetuneConfig:
         if self.size % 8: raise UserError(f"--size must be a multiple of 8 (the VAE's factor), got {self.size}")
         if self.mixed_precision not in ('no', 'fp16', 'bf16'): raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.inversion not in ('ddim', 'noise'): raise UserError(f"--inversion must be ddim or noise, got {self.inversion!r}")
+        if self.cache_inversions and self.inversion == 'noise': raise UserError("--cache-inversions keeps DDIM inversions; with --inversion noise there are none: drop it")
         if not 0 <= self.t_min <= self.t_max <= 1000: raise UserError(f"need 0 ≤ --t-min ≤ --t-max ≤ 1000, got --t-min {self.t_min}, --t-max {self.t_max}")
         if self.fixed_t is not None:
             if self.fixed_t not in grid: raise UserError(f"--fixed-t {self.fixed_t} is not on the {self.inversion_steps}-step DDIM grid (e.g. {grid[-5:]})")
@@ -196,9 +197,19 @@ def _set_rng_state(st: dict):
 
 _RUN_FILES = ('config.json', 'log.csv', 'tensorboard', 'checkpoints')   # what a run writes before its first checkpoint
 
+def _is_run(out: Path) -> bool:
+    "Whether `out` holds a fine-tuning run: a `config.json` written by `Finetuner` (not, say, a model's own config.json)."
+    try: c = json.loads((out / 'config.json').read_text())
+    except (OSError, ValueError): return False
+    return isinstance(c, dict) and {'mode', 'lora', 'inversion_steps', 'lambda1'} <= c.keys()
+
+def collate_faces(items: list[dict]) -> dict:
+    "A batch of `FaceDataset` items: images stacked, captions and indices as lists (a module-level function: workers pickle it)."
+    return {'image': torch.stack([x['image'] for x in items]), 'caption': [x['caption'] for x in items], 'index': [x['index'] for x in items]}
+
 def _unstarted(out: Path) -> bool:
     "Whether `out` holds only a run that stopped before its first checkpoint: nothing to resume, nothing of value to lose."
-    return (out / 'config.json').is_file() and not _checkpoints(out) and all(p.name in _RUN_FILES for p in out.iterdir())
+    return _is_run(out) and not _checkpoints(out) and all(p.name in _RUN_FILES for p in out.iterdir())
 
 def _clear_run(out: Path):
     "Empty the run folder `out` (the folder itself stays)."
@@ -217,10 +228,15 @@ class Finetuner:
         self.cfg = cfg = cfg.check()                 # every check comes before anything is written or deleted
         self.out = Path(cfg.out).expanduser()
         dev = resolve_device(cfg.device)
+        if dev.type == 'cpu' and cfg.mixed_precision == 'fp16':
+            raise UserError("--mixed-precision fp16 needs a GPU (on the CPU nothing would run in fp16 but the frozen VAE and text encoder): use bf16 or no")
         self.resume_from, clear_out = self._prepare_out(resume, overwrite)
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()  # a new run in the same process may use another precision (the process group is kept)
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=dev.type == 'cpu')
+        if dev.type == 'cuda' and dev.index is not None and int(os.environ.get('WORLD_SIZE', '1')) == 1:
+            torch.cuda.set_device(dev)               # accelerate takes the current GPU: make it the one asked for (--device cuda:N)
+        try: self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=dev.type == 'cpu')
+        except ValueError as e: raise UserError(f"--mixed-precision {cfg.mixed_precision}: {str(e).splitlines()[0]}") from None
         dev = self.acc.device
         self.dataset = dataset if dataset is not None else FaceDataset(cfg.data, cfg.captions, size=cfg.size)
         if len(self.dataset) < cfg.batch_size * self.acc.num_processes:
@@ -270,7 +286,9 @@ class Finetuner:
             if resume is not True and str(resume) != 'latest':
                 p = Path(resume).expanduser()
                 if not (p / 'state.json').exists(): raise UserError(f"{p} is not a checkpoint folder (no state.json): pass --resume with no value to take the latest in --out")
-                return p, False
+                if inside(p, out): return p, False     # a checkpoint of this run
+                # another run's checkpoint: --out is a new run's folder, checked as for a fresh run
+                return p, self._prepare_out(False, overwrite)[1]
             if cks: return cks[-1], False
             if not busy: return None, False  # nothing to resume: a fresh run
             if _unstarted(out): return None, True
@@ -278,7 +296,7 @@ class Finetuner:
         if not busy: return None, False
         if _unstarted(out): return None, True
         if not overwrite: raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to start again, or choose another folder")
-        if (out / 'config.json').exists() or cks: return None, True
+        if _is_run(out) or cks: return None, True
         raise UserError(f"--out {out} is not empty and holds no fine-tuning run: refusing to delete it; choose another folder")
 
     @property
@@ -346,8 +364,10 @@ class Finetuner:
         return lambda z, t, c: unet(z, torch.full((len(z),), int(t), device=z.device, dtype=torch.long), encoder_hidden_states=c).sample
 
     @torch.no_grad()
-    def _x_t(self, z0, cond, t, idx, generator):
+    def _x_t(self, y0, cond, t, idx, generator):
+        "x_t of images y0 ∈ [0, 1] (forward noise or DDIM inversion with the frozen base; cached per image and t if asked)."
         cfg = self.cfg
+        z0 = None if cfg.cache_inversions and all((int(i), int(t)) in self._cache for i in idx) else self._encode(y0)
         if cfg.inversion == 'noise':
             n = torch.randn(z0.shape, generator=generator).to(z0)
             return self.abar[t].sqrt() * z0 + (1 - self.abar[t]).sqrt() * n
@@ -360,8 +380,11 @@ class Finetuner:
             for k, i in enumerate(idx):           # one image at a time: cached and fresh x_t are bitwise equal
                 key = (int(i), int(t))
                 if key not in self._cache: self._cache[key] = run(z0[k:k + 1], cond[k:k + 1]).cpu()
-                out.append(self._cache[key].to(z0))
+                out.append(self._cache[key].to(y0.device))
             return torch.cat(out)
+
+    @torch.no_grad()
+    def _encode(self, y0): return vae_encode(self.comps.vae, y0 * 2 - 1).float()
 
     def loss(self, batch: dict, t: int, generator: torch.Generator, unet=None):
         "(loss, parts) of one batch at timestep t: eq. 5 (identity) or eq. 6 (directional)."
@@ -369,9 +392,8 @@ class Finetuner:
         unet = unet if unet is not None else self.model
         y0 = batch['image'].to(dev)
         caps = list(batch['caption'])
-        z0 = vae_encode(comps.vae, y0 * 2 - 1).float()
         c_ref = encode_prompt(comps, caps).float()
-        x_t = self._x_t(z0, c_ref, t, batch['index'], generator)
+        x_t = self._x_t(y0, c_ref, t, batch['index'], generator)     # the VAE encodes y0 only if an x_t is computed
         if cfg.mode == 'identity': cond, p_tar = c_ref, None
         else:
             p_tar, p_ref = self.prompts.sample(caps, generator)
@@ -396,10 +418,7 @@ class Finetuner:
         if not grid: raise UserError(f"no DDIM timestep in [{cfg.t_min}, {cfg.t_max}] with {cfg.inversion_steps} steps: widen --t-min/--t-max")
         return sorted(grid)
 
-    def _batch(self, idx):
-        items = [self.dataset[i] for i in idx]
-        return {'image': torch.stack([x['image'] for x in items]), 'caption': [x['caption'] for x in items],
-                'index': [x['index'] for x in items]}
+    def _batch(self, idx): return collate_faces([self.dataset[i] for i in idx])
 
     @torch.no_grad()
     def eval_loss(self, ts=None, batch_size: int | None = None, seed: int = 1234) -> dict:
@@ -423,9 +442,7 @@ class Finetuner:
         grid = self._t_grid()
         sampler = StreamBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, start=self.step * cfg.grad_accum,
                                      rank=acc.process_index, world=acc.num_processes)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                             collate_fn=lambda items: {'image': torch.stack([x['image'] for x in items]),
-                                                 'caption': [x['caption'] for x in items], 'index': [x['index'] for x in items]})
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_faces)
         log_path, rows = self.out / 'log.csv', []
         tb = self._tensorboard() if cfg.tensorboard and acc.is_main_process else None
         if acc.is_main_process: self._trim_log(log_path)
@@ -437,6 +454,7 @@ class Finetuner:
         while self.step < cfg.steps and (stop_at is None or self.step < stop_at):
             batch = next(data)
             t = grid[int(torch.randint(len(grid), (1,), generator=self.generator))]
+            lr = self.optimizer.param_groups[0]['lr']    # this step's rate (the scheduler moves it on below)
             with acc.accumulate(self.model), acc.autocast():
                 loss, parts = self.loss(batch, t, self.generator)
                 acc.backward(loss)
@@ -448,7 +466,7 @@ class Finetuner:
             if not acc.sync_gradients: continue
             self.step += 1
             row = dict(step=self.step, loss=acc_loss, part1=acc_parts[0], part2=acc_parts[1], t=t,
-                       lr=self.lr_scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
+                       lr=lr, seconds=round(time.time() - t0, 3))
             rows.append(row); acc_loss, acc_parts = 0.0, [0.0, 0.0]
             if acc.is_main_process:
                 new = not log_path.exists()
@@ -506,6 +524,9 @@ def config_from_args(a) -> FinetuneConfig:
     if given: raise UserError(f"--tiny uses tiny random SD and CLIP models: drop {' / '.join(given)}")
     unused = [f'--{k}' for k in _UNUSED_BY[a.mode] if getattr(a, k, None) not in (None, getattr(FinetuneConfig, k))]
     if unused: raise UserError(f"{a.mode} fine-tuning does not use {' / '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
+    if a.resume and a.overwrite: raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    ranged = [f'--{k.replace("_", "-")}' for k in ('t_min', 't_max') if getattr(a, k, None) is not None]
+    if a.fixed_t is not None and ranged: raise UserError(f"--fixed-t trains at one timestep, so {' / '.join(ranged)} would be ignored: drop one or the other")
     return FinetuneConfig(**({**_TINY_DEFAULTS, **kw} if a.tiny else kw))
 
 def add_cli(sub):
@@ -542,7 +563,8 @@ def add_cli(sub):
     p.add_argument('--templates', action='store_true', help='average ΔT over prompt templates')
     p.add_argument('--inversion', choices=['ddim', 'noise'], default=d.inversion)
     p.add_argument('--inversion-steps', type=int, help=f'DDIM inversion steps (default {d.inversion_steps}; {t["inversion_steps"]} with --tiny)')
-    p.add_argument('--t-min', type=int, default=d.t_min); p.add_argument('--t-max', type=int, default=d.t_max)
+    p.add_argument('--t-min', type=int, help=f'smallest inversion depth t drawn (default {d.t_min})')
+    p.add_argument('--t-max', type=int, help=f'largest inversion depth t drawn (default {d.t_max})')
     p.add_argument('--fixed-t', type=int, default=None, help='a fixed inversion depth (a DDIM grid timestep)')
     p.add_argument('--cache-inversions', action='store_true', help='keep each x_t in memory (exact; for --fixed-t or a small set)')
     p.add_argument('--gen-steps', type=int, default=d.gen_steps, help='1: one-step x̂0; k: k DDIM steps')

@@ -71,7 +71,7 @@ class EditConfig:
         if self.size < 64 or self.size % 64: raise UserError(f"--size must be a multiple of 64 (e.g. 512), got {self.size}")
         if self.batch_size < 1: raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_frames is not None and self.max_frames < 1: raise UserError(f"--max-frames must be at least 1, got {self.max_frames}")
-        if self.fps is not None and not self.fps > 0: raise UserError(f"--fps must be positive, got {self.fps}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0): raise UserError(f"--fps must be a positive number, got {self.fps}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")
@@ -575,7 +575,7 @@ def optimize(self: IPFaceDiffPipeline, channels_last: bool = True, compile: bool
 IPFaceDiffPipeline.optimize = optimize
 
 # %% ../nbs/09_pipeline.ipynb #2510534d
-_TINY_DEFAULTS = dict(size=128, steps=10, inversion_steps=10)
+_TINY_DEFAULTS = dict(size=128, steps=10)   # --inversion-steps defaults to --steps, with or without --tiny
 
 def _settings_from_args(a) -> dict:
     s = {k: getattr(a, k) for k in ('source_prompt', 'negative_prompt', 'steps', 'inversion_steps', 'guidance', 'attn_t', 'conv_t',

@@ -44,6 +44,8 @@ def _check_target(path: Path, overwrite: bool, want_dir: bool, name: str = 'outp
     parent = path.parent if str(path.parent) else Path('.')
     if not parent.is_dir():
         raise UserError(f"the folder {parent} does not exist: create it first or choose another {name}")
+    if not os.access(parent, os.W_OK | os.X_OK):        # found now, not after the work, at the final rename
+        raise UserError(f"cannot write to the folder {parent}: choose another {name}")
     return parent
 
 @contextlib.contextmanager
