@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_video.ipynb #bce08106
 from __future__ import annotations
-import math, warnings
+import math, numbers, warnings
 from dataclasses import dataclass, asdict
 from fractions import Fraction
 from pathlib import Path
@@ -86,72 +86,117 @@ def _stream_rotation(container, stream, first_frame=None) -> int:
     return 0
 
 # %% ../nbs/02_video.ipynb #15c3c439
+def _check_fps(fps, what: str = 'fps') -> float:
+    "`fps` as a float, after checking that it is a finite number above 0."
+    try: f = float(fps)
+    except (TypeError, ValueError): f = math.nan
+    if not (math.isfinite(f) and f > 0): raise UserError(f"{what} must be a finite number above 0 (frames per second), got {fps!r}")
+    return f
+
+def _check_max_frames(n) -> int | None:
+    "`n` as an int ≥ 1, or None (all frames)."
+    if n is None: return None
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n != int(n) or n < 1:
+        raise UserError(f"max_frames must be a whole number of at least 1 (or None for all frames), got {n!r}")
+    return int(n)
+
+def _check_start(start) -> float:
+    "`start` as a float number of seconds ≥ 0."
+    if isinstance(start, bool) or not isinstance(start, numbers.Real) or not math.isfinite(start) or start < 0:
+        raise UserError(f"start must be a time in seconds, 0 or more, got {start!r}")
+    return float(start)
+
+# %% ../nbs/02_video.ipynb #31653fa2
+class _FrameBuffer:
+    "Equally-sized frames appended to one array reserved for `capacity` frames, grown in place and trimmed at the end."
+    def __init__(self, capacity: int | None = None): self.a, self.n, self.cap = None, 0, max(1, capacity or 64)
+    def __len__(self): return self.n
+    def append(self, f: np.ndarray):
+        if self.a is None: self.a = np.empty((self.cap, *f.shape), f.dtype)
+        elif self.n == len(self.a): self.a.resize((self.n + max(8, self.n // 16), *f.shape), refcheck=False)
+        self.a[self.n] = f; self.n += 1
+    def array(self) -> np.ndarray:
+        "The frames appended so far; the buffer must not be used afterwards."
+        if self.a is not None and self.n < len(self.a): self.a.resize((self.n, *self.a.shape[1:]), refcheck=False)
+        return self.a
+
+# %% ../nbs/02_video.ipynb #f3199953
 def _frame_time(frame, stream) -> float | None:
     if frame.pts is not None: return float(frame.pts * stream.time_base)
     return frame.time
 
+def _too_big(path, n: int, w: int, h: int) -> UserError:
+    return UserError(f"{path}: {n} frames of {w}x{h} would need {n*w*h*3/2**30:.0f} GB: "
+                     "read fewer frames (max_frames/--max-frames, a lower fps)")
+
 def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
                progress: bool = True, max_gb: float = 16.0) -> tuple[np.ndarray, VideoInfo]:
-    "Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, resampled to `fps` (nearest timestamps) if given."
+    "Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, at `fps` (or the source's rate), nearest frame to each time."
+    fps = None if fps is None else _check_fps(fps)
+    max_frames, start = _check_max_frames(max_frames), _check_start(start)
     container, stream = _open_video(path)
     try:
         src_fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0) or None
-        if fps is not None and fps <= 0: raise UserError(f"fps must be positive, got {fps}")
-        out_fps = float(fps) if fps else (src_fps or 25.0)
+        out_fps = fps or src_fps or 25.0
         dur = float(container.duration / av.time_base) if container.duration else (
               float(stream.duration * stream.time_base) if stream.duration else None)
-        est = int(round((dur - start) * out_fps)) if dur else (stream.frames or None)
+        est = max(0, int(round((dur - start) * out_fps))) if dur else (stream.frames or None)
         if max_frames is not None: est = min(est, max_frames) if est else max_frames
-        if est and est * stream.width * stream.height * 3 > max_gb * 2**30:
-            raise UserError(f"{path}: {est} frames of {stream.width}x{stream.height} would need "
-                            f"{est*stream.width*stream.height*3/2**30:.0f} GB: read fewer frames (max_frames/--max-frames, a lower fps)")
+        if est and est * stream.width * stream.height * 3 > max_gb * 2**30: raise _too_big(path, est, stream.width, stream.height)
         stream.thread_type = 'AUTO'
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if start > 0: container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
-        frames, rotation, ended, n_decoded = [], None, False, 0
+        buf, rotation, ended, n_decoded = _FrameBuffer(est), None, False, 0
         prev, prev_t, k = None, None, 0          # held-back frame, its time, index of the next output time
-        target = lambda: start + k / out_fps
+        origin = start if fps else None          # time of output frame 0; without fps, the first frame at/after `start`
+        target = lambda: origin + k / out_fps
         bar = tqdm(total=est, desc=f'reading {Path(path).name}', unit='frame', disable=not progress, leave=False)
         def emit(fr):
-            frames.append(upright(fr.to_ndarray(format='rgb24'), rotation)); bar.update(1)
-        done = lambda: max_frames is not None and len(frames) >= max_frames
+            img = upright(fr.to_ndarray(format='rgb24'), rotation)
+            if len(buf) and img.shape != buf.a.shape[1:]:
+                raise UserError(f"{path}: the frame size changes from {buf.a.shape[2]}x{buf.a.shape[1]} to {img.shape[1]}x{img.shape[0]} "
+                                f"at frame {len(buf)}: re-encode it at one size")
+            if (len(buf) + 1) * img.nbytes > max_gb * 2**30: raise _too_big(path, len(buf) + 1, img.shape[1], img.shape[0])
+            buf.append(img); bar.update(1)
+        done = lambda: max_frames is not None and len(buf) >= max_frames
         try:
             for frame in container.decode(stream):
                 n_decoded += 1
                 t = _frame_time(frame, stream)
                 t = (n_decoded - 1) / (src_fps or 25.0) if t is None else t - t0
                 if rotation is None: rotation = _stream_rotation(container, stream, frame)
-                if fps is None:                   # every frame from `start` on, in order
-                    if t >= start - 1e-6: emit(frame)
-                else:                             # emit `prev` for every target nearer to it than to `frame`
-                    while prev is not None and not done() and target() <= (prev_t + t) / 2 + 1e-9:
-                        emit(prev); k += 1
-                    prev, prev_t = frame, t
+                if origin is None:               # no fps: the grid starts at the first frame from `start` on
+                    if t < start - 1e-6: continue
+                    origin = t
+                # emit `prev` for every output time nearer to it than to `frame`
+                while prev is not None and not done() and target() <= (prev_t + t) / 2 + 1e-9:
+                    emit(prev); k += 1
+                prev, prev_t = frame, t
                 if done(): break
             else: ended = True
-            if fps is not None and prev is not None:  # the last frame stands for one source frame period
-                end = prev_t + 1.0 / (src_fps or out_fps)
+            if prev is not None:  # the last frame stands for one source frame period (resampling), or its own slot
+                end = prev_t + (1.0 / (src_fps or out_fps) if fps else 0.5 / out_fps)
                 while not done() and target() < end - 1e-9: emit(prev); k += 1
         except av.error.FFmpegError as e:
             raise UserError(f"{path} is damaged: decoding stopped after {n_decoded} frames ({type(e).__name__}); "
                             "re-export or re-download the video") from None
         finally: bar.close()
-        if not frames:
+        if not len(buf):
             raise UserError(f"{path} has no video frames" + (f" after {start:g} s" if start else "") +
                             ": give a video with at least one frame")
         if ended and start == 0 and stream.frames and n_decoded < 0.9 * stream.frames - 1:
             raise UserError(f"{path} is damaged or truncated: its header announces {stream.frames} frames "
                             f"but only {n_decoded} could be decoded; re-export or re-download it")
-        arr = np.stack(frames)
+        arr = buf.array()
         info = VideoInfo(path=str(path), fps=out_fps, n_frames=len(arr), width=arr.shape[2], height=arr.shape[1],
                          rotation=rotation or 0, has_audio=bool(container.streams.audio), duration=len(arr) / out_fps,
-                         source_fps=src_fps or out_fps, start=float(start))
+                         source_fps=src_fps or out_fps, start=float(origin))
         return arr, info
     finally: container.close()
 
 # %% ../nbs/02_video.ipynb #a6c4d7b1
 def _load_audio(path, start: float, duration: float):
-    "Samples `(channels, n)` float32 of `path`'s first audio stream in `[start, start+duration)`, its rate and layout; None if silent."
+    "Samples `(channels, n)` float32 of `path`'s first audio stream in `[start, start+duration)` of its video's time, its rate and layout; None if silent."
     if path is None: return None
     p = Path(path)
     if not p.exists(): raise UserError(f"no such file for audio_from: {p}")
@@ -162,21 +207,24 @@ def _load_audio(path, start: float, duration: float):
         st = container.streams.audio[0]
         rate, layout = st.codec_context.sample_rate, st.codec_context.layout.name
         res = av.AudioResampler(format='fltp', layout=layout, rate=rate)
-        t0 = float(st.start_time * st.time_base) if st.start_time is not None else 0.0
+        secs = lambda s: float(s.start_time * s.time_base) if s.start_time is not None else None
+        a0 = secs(st) or 0.0
+        t0 = next((secs(v) for v in container.streams.video if secs(v) is not None), a0)   # time 0: the video's start
         if start > 0: container.seek(int((t0 + start) / st.time_base), stream=st, backward=True)
-        chunks, first = [], None
+        chunks, first, got = [], None, 0
         try:
             for fr in container.decode(st):
-                if first is None: first = float(fr.pts * fr.time_base) - t0 if fr.pts is not None else 0.0
-                for r in res.resample(fr): chunks.append(r.to_ndarray())
-                if first + sum(c.shape[1] for c in chunks) / rate > start + duration + 0.1: break
+                if first is None: first = float(fr.pts * fr.time_base) - t0 if fr.pts is not None else a0 - t0
+                for r in res.resample(fr): chunks.append(r.to_ndarray()); got += chunks[-1].shape[1]
+                if first + got / rate > start + duration + 0.1: break
         except av.error.FFmpegError: pass  # keep what decoded; audio damage should not block a video
         try: chunks += [r.to_ndarray() for r in res.resample(None)]   # what the resampler still holds
         except (av.error.FFmpegError, ValueError): pass
         if not chunks: return None
         a = np.concatenate(chunks, axis=1).astype(np.float32)
-        i0 = max(0, int(round((start - first) * rate)))
-        a = a[:, i0:i0 + int(round(duration * rate))]
+        n, i0 = int(round(duration * rate)), int(round((start - first) * rate))
+        if i0 < 0: a = np.concatenate([np.zeros((a.shape[0], min(-i0, n)), np.float32), a], axis=1)  # audio starts late
+        a = a[:, max(0, i0):max(0, i0) + n]
         return a, rate, layout
     finally: container.close()
 
@@ -192,8 +240,8 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
                 crf: int = 18, preset: str = 'medium', progress: bool = True) -> Path:
     "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic."
     h, w = _check_frames(frames)
-    rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(1001)
-    if rate <= 0: raise UserError(f"fps must be positive, got {fps}")
+    rate = fps if isinstance(fps, Fraction) else Fraction(_check_fps(fps)).limit_denominator(1001)
+    if rate <= 0: raise UserError(f"fps must be a finite number above 0 (frames per second), got {fps!r}")
     audio = _load_audio(audio_from, audio_start, len(frames) / float(rate)) if audio_from is not None else None
     ph, pw = h + h % 2, w + w % 2
     path = Path(path)
@@ -224,22 +272,33 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
     return path
 
 # %% ../nbs/02_video.ipynb #339e2414
+def _sbs_row(o, e, labels, gap: int) -> np.ndarray:
+    "One frame `o | e`, the edited frame `e` resized to the height of `o`, labelled."
+    o, e = np.asarray(o), np.asarray(e)
+    if e.shape[0] != o.shape[0]:
+        e = cv2.resize(e, (round(e.shape[1] * o.shape[0] / e.shape[0]), o.shape[0]), interpolation=cv2.INTER_AREA)
+    row = np.concatenate([o, np.zeros((o.shape[0], gap, 3), np.uint8), e] if gap else [o, e], axis=1)
+    if labels:
+        for txt, x in zip(labels, (0, o.shape[1] + gap)):
+            if txt: _label(row, txt, x, max(0.5, o.shape[0] / 400))
+    return row
+
+class _SideBySide:
+    "The frames `original | edited`, each made when it is asked for (`len`, `[i]`, iteration)."
+    def __init__(self, original, edited, labels=('original', 'edited'), gap: int = 0):
+        if len(original) != len(edited):
+            raise UserError(f"original has {len(original)} frames but edited has {len(edited)}: give clips of equal length")
+        self.o, self.e, self.labels, self.gap = original, edited, labels, gap
+    def __len__(self): return len(self.o)
+    def __getitem__(self, i): return _sbs_row(self.o[i], self.e[i], self.labels, self.gap)
+
 def side_by_side(original, edited, labels=('original', 'edited'), gap: int = 0) -> np.ndarray:
     "Frames `(N, H, W1 + gap + W2, 3)`: `original | edited`, the edited frames resized to the original height."
-    if len(original) != len(edited):
-        raise UserError(f"original has {len(original)} frames but edited has {len(edited)}: give clips of equal length")
-    out = []
-    for o, e in zip(original, edited):
-        o, e = np.asarray(o), np.asarray(e)
-        if e.shape[0] != o.shape[0]:
-            e = cv2.resize(e, (round(e.shape[1] * o.shape[0] / e.shape[0]), o.shape[0]), interpolation=cv2.INTER_AREA)
-        row = [o, np.zeros((o.shape[0], gap, 3), np.uint8), e] if gap else [o, e]
-        row = np.concatenate(row, axis=1)
-        if labels:
-            for txt, x in zip(labels, (0, o.shape[1] + gap)):
-                if txt: _label(row, txt, x, max(0.5, o.shape[0] / 400))
-        out.append(row)
-    return np.stack(out)
+    rows = _SideBySide(original, edited, labels, gap)
+    if not len(rows): raise UserError("no frames to put side by side: give clips with at least one frame")
+    buf = _FrameBuffer(len(rows))
+    for r in rows: buf.append(r)
+    return buf.array()
 
 def _label(img, txt: str, x: int, s: float):
     "White text on a black box at the top left of the panel starting at column `x` (a box, not an outline:"
@@ -252,6 +311,6 @@ def _label(img, txt: str, x: int, s: float):
 
 def write_side_by_side(path, original, edited, fps, labels=('original', 'edited'), gap: int = 0,
                        audio_from=None, audio_start: float = 0.0, overwrite: bool = False, progress: bool = True) -> Path:
-    "Write `original | edited` as one H.264 video (see `side_by_side`, `write_video`)."
-    return write_video(path, side_by_side(original, edited, labels, gap), fps, audio_from=audio_from,
+    "Write `original | edited` as one H.264 video, one frame in memory at a time (see `side_by_side`, `write_video`)."
+    return write_video(path, _SideBySide(original, edited, labels, gap), fps, audio_from=audio_from,
                        audio_start=audio_start, overwrite=overwrite, progress=progress)
