@@ -68,8 +68,10 @@ _EDIT_FLAGS = (('source_prompt', '--source-prompt'), ('negative_prompt', '--nega
                ('batch_size', '--batch-size'), ('keyframe_window', '--keyframe-window'), ('size', '--size'), ('fps', '--fps'),
                ('max_frames', '--max-frames'), ('seed', '--seed'))
 
-def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, identity_model=None, edit_model=None, **settings) -> str:
-    "The `ipfacediff edit` command line that makes row `a`'s video (the settings that differ from `EditConfig`'s defaults)."
+def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, identity_model=None, edit_model=None,
+                 device=None, dtype=None, **settings) -> str:
+    """The `ipfacediff edit` command line that makes row `a`'s video (the settings that differ from `EditConfig`'s defaults;
+    `device`/`dtype`: where and in what precision it ran, so that a re-run elsewhere gives the same video)."""
     from ipfacediff.pipeline import EditConfig
     e1, e2 = a.specs(identity_model, edit_model)
     d = EditConfig(prompt)
@@ -77,6 +79,8 @@ def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, iden
     if str(model) != DEFAULT_MODEL: cmd += ['--model', str(model)]
     if e1: cmd += ['--identity-model', e1]
     if e2: cmd += ['--edit-model', e2]
+    if device is not None: cmd += ['--device', str(device)]
+    if dtype is not None: cmd += ['--dtype', str(dtype).removeprefix('torch.')]
     for k, flag in _EDIT_FLAGS:
         if not hasattr(d, k): continue             # a setting this version of the pipeline does not have
         v = settings.get(k, getattr(d, k))
@@ -223,11 +227,12 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
             r = pipe.edit(video, cfg, out=tmp / a.name / f'{name}.mp4')
             secs = time.perf_counter() - t0
             if progress: print(f'{a.name}: {len(r.frames)} frames, {secs:.1f} s, UNet calls {dict(r.unet_calls)}')
+            ran_on = dict(device=pipe.c.device.type, dtype=pipe.c.dtype)
             del pipe
             if torch.cuda.is_available(): torch.cuda.empty_cache()
             records[a.name] = dict(description=a.description, eps1=a.eps1, eps2=a.eps2, injection=a.injection,
                                    eps1_spec=e1 or 'base', eps2_spec=e2 or 'base', video=f'{a.name}/{name}.mp4',
-                                   command=edit_command(a, video, prompt, out / a.name / f'{name}.mp4', model, identity_model, edit_model,
+                                   command=edit_command(a, video, prompt, out / a.name / f'{name}.mp4', model, identity_model, edit_model, **ran_on,
                                                         **{k: getattr(cfg, k) for k, _ in _EDIT_FLAGS if hasattr(cfg, k)}, propagation=cfg.propagation),
                                    n_frames=len(r.frames), fps=r.fps, unet_calls=dict(r.unet_calls), budget=r.budget,
                                    cache_hit=r.cache_hit, track_cached=r.track_cached, timings=r.timings, seconds=secs,
@@ -255,6 +260,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
                        recognizer=rec0, gallery=None if gallery is None else str(gallery),
                        evaluate_command=shlex.join(['ipfacediff', 'evaluate', '--original', str(video), '--edited', *[str(out / n) for n in records],
                                                     '--out', str(out / 'metrics')] + (['--gallery', str(gallery)] if gallery else [])
+                                                   + (['--recognizers', recognizers] if isinstance(recognizers, str) and recognizers != 'dlib' else [])
                                                    + (['--fps', str(base_cfg.fps)] if base_cfg.fps else [])
                                                    + (['--max-frames', str(base_cfg.max_frames)] if base_cfg.max_frames else [])),
                        rows=records)

@@ -8,7 +8,7 @@ import contextlib, copy, datetime, json, os, platform, statistics, subprocess, t
 from collections import Counter
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype, seeded
+from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype, seeded, _check_target
 from .models import SDComponents, move, tiny_components, tiny_tokenizer, make_scheduler
 from .metrics import StageTimer
 from .pipeline import IPFaceDiffPipeline, EditConfig, unet_budget, AdapterRows
@@ -416,6 +416,7 @@ GPU_S_PER_FRAME: dict[int, float] = {}        # none measured yet (no GPU in the
 
 def plot_table2(tiny: dict, gpu: dict | None = None, ax=None):
     "Seconds per frame vs frames: the paper's Table 2 (left axis) and our tiny/CPU measurements (right axis)."
+    import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 4))[1]
     n = sorted(TABLE2_OURS)
     ax.plot(n, [TABLE2_OURS[k] / k for k in n], 'o-', color='C3', label='paper, Table 2 (A100, 512²)')
@@ -434,12 +435,8 @@ def run_bench(a) -> dict:
     networks of the --config architecture (speed does not depend on weight values; nothing is downloaded): seconds and
     seconds per frame, UNet evaluations against the budget, peak memory, TFLOP/s and the ratio to the FLOP floor.
     Several --frames give the scaling ratio."""
-    if a.json:                                   # checked now, not after minutes of benchmark
-        j = Path(a.json)
-        if j.is_dir(): raise UserError(f"--json {j} is a folder: give a file path for the report")
-        if j.exists() and not a.overwrite: raise UserError(f"{j} already exists: choose another --json path or pass --overwrite")
-        if not (j.parent if str(j.parent) else Path('.')).is_dir():
-            raise UserError(f"the folder {j.parent} does not exist: create it first or choose another --json path")
+    if a.json: _check_target(Path(a.json), a.overwrite, want_dir=False, name='--json path', what='report')   # now, not after the benchmark
+    if a.compile_backend and not a.compile: raise UserError("--compile-backend chooses the backend of --compile: pass --compile too")
     kw = 0 if a.keyframe_window == 0 else a.keyframe_window
     rep = bench(a.config, a.frames, a.size, a.device, a.dtype, a.steps, a.inversion_steps, a.repeat, a.branches,
                 None if kw == 0 else kw, a.channels_last, (a.compile_backend or True) if a.compile else False,

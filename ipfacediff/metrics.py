@@ -62,6 +62,11 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
                         ": give a video with a clearly visible, roughly frontal face (at least ~80 px wide)")
     return np.stack(crops), det, boxes
 
+def _scale_boxes(boxes, src_hw, dst_hw) -> np.ndarray:
+    "Face boxes (x0, y0, x1, y1) found in frames of size `src_hw` (H, W), moved onto frames of size `dst_hw` (an edit at another resolution)."
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    return np.asarray(boxes, np.float64) * np.array([sx, sy, sx, sy])
+
 # %% ../nbs/10_metrics.ipynb #d40ea175
 def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -285,13 +290,13 @@ def tg_id(embeddings, reference=None) -> float:
 # %% ../nbs/10_metrics.ipynb #58c0bc43
 @torch.no_grad()
 def clip_direction_score(edited, original, target: str, source: str, clip='openai/clip-vit-base-patch32',
-                         batch_size: int = 8, templates=None, return_per_frame: bool = False):
-    "Mean over frames of cos(f_I(edited) − f_I(original), f_T(target) − f_T(source)); frames uint8 `(N, H, W, 3)`."
+                         batch_size: int = 8, templates=None, return_per_frame: bool = False, direction=None):
+    "Mean over frames of cos(f_I(edited) − f_I(original), f_T(target) − f_T(source)); frames uint8 `(N, H, W, 3)`; `direction`: that ΔT, precomputed."
     from ipfacediff.losses import load_clip, text_direction
     if isinstance(clip, (str, os.PathLike)): clip = load_clip(str(clip))
     e, o = np.asarray(edited), np.asarray(original)
     if len(e) != len(o): raise UserError(f"{len(e)} edited frames but {len(o)} original frames")
-    dt = text_direction(clip, target, source, templates)[0]
+    dt = text_direction(clip, target, source, templates)[0] if direction is None else torch.as_tensor(direction)
     def emb(x):
         out = []
         for i in range(0, len(x), batch_size):
@@ -374,8 +379,8 @@ def list_media(folder) -> dict[str, Path]:
         raise UserError(f"{folder} holds no videos ({', '.join(VIDEO_EXTS)}), images or folders of images: check the path")
     return items
 
-def load_media(path, fps: float | None = None, max_frames: int | None = None) -> np.ndarray:
-    "uint8 RGB frames `(N, H, W, 3)` of a video file, a still image (N = 1) or a folder of images."
+def load_media(path, fps: float | None = None, max_frames: int | None = None, return_fps: bool = False):
+    "uint8 RGB frames `(N, H, W, 3)` of a video file, a still image (N = 1) or a folder of images; `return_fps`: also their rate (None: images)."
     from PIL import Image
     path = Path(path)
     def img(p):
@@ -387,10 +392,11 @@ def load_media(path, fps: float | None = None, max_frames: int | None = None) ->
         if not files: raise UserError(f"{path} holds no images")
         fr = [img(q) for q in files]
         if len({f.shape for f in fr}) > 1: raise UserError(f"the images in {path} differ in size: a frame sequence needs one size")
-        return np.stack(fr)
-    if path.suffix.lower() in IMAGE_EXTS: return img(path)[None]
+        return (np.stack(fr), None) if return_fps else np.stack(fr)
+    if path.suffix.lower() in IMAGE_EXTS: return (img(path)[None], None) if return_fps else img(path)[None]
     from ipfacediff.video import read_video
-    return read_video(path, fps=fps, max_frames=max_frames, progress=False)[0]
+    fr, info = read_video(path, fps=fps, max_frames=max_frames, progress=False)
+    return (fr, info.fps) if return_fps else fr
 
 def content_hash(path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, or of a folder's images (names and bytes, in order)."
@@ -432,10 +438,12 @@ def embed_frames(frames, embedders: dict, size: int = 512, batch_size: int = 16,
         out[k] = FaceEmbeddings(full, det, boxes)
     return out
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: the face detector's rules (`faces.tracker_id()`) are part of the key
 
 def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
-    blob = json.dumps({'v': _CACHE_VERSION, 'content': digest, 'recognizer': recognizer, **settings}, sort_keys=True)
+    from ipfacediff import faces
+    blob = json.dumps({'v': _CACHE_VERSION, 'content': digest, 'recognizer': recognizer, 'detector': faces.tracker_id(), **settings},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 @dataclass
@@ -615,6 +623,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     if flow not in FLOW_METHODS: raise UserError(f"unknown --flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")
     if clip is not None and not (prompt and source_prompt):
         raise UserError("the CLIP direction score needs both --prompt (the edit's target) and --source-prompt (describing the original)")
+    if clip is None and (prompt is not None or source_prompt is not None):
+        raise UserError("--prompt and --source-prompt are used only by the CLIP direction score: add --clip (a CLIP hub id or folder) or leave them out")
     if flow == 'raft': _raft_model('cuda' if torch.cuda.is_available() else 'cpu')   # fail early, before any work
     if not edited: raise UserError("no --edited folder given")
     with timer('list inputs'):
@@ -633,22 +643,39 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (items are paired by file name without extension)")
             methods[m] = items
         gallery_items = list_media(gallery) if gallery is not None else {}
+    if fps is None:                         # frames are paired by index: both videos of a pair must run at one rate
+        with timer('check frame rates'):
+            rates = {}
+            def rate(p):                    # None: a still or a folder of images (no rate)
+                if p not in rates: rates[p] = load_media(p, max_frames=1, return_fps=True)[1] if Path(p).suffix.lower() in VIDEO_EXTS else None
+                return rates[p]
+            for m, items in methods.items():
+                for n, p in items.items():
+                    r_e, r_o = rate(p), rate(originals[n])
+                    if r_e and r_o and not math.isclose(r_e, r_o, rel_tol=1e-4):
+                        raise UserError(f"{m}/{n}: the edit runs at {r_e:g} fps, the original at {r_o:g} fps: pass --fps "
+                                        f"(e.g. --fps {r_e:g}) to read both at one rate, or frame t of one is compared with frame t of the other")
     with timer('load recognizers'): embs = _parse_recognizers(recognizers)
     recs = list(embs)
     if clip is not None and isinstance(clip, (str, os.PathLike)):
         from ipfacediff.losses import load_clip
         with timer('load clip'): clip = load_clip(str(clip))
+    clip_dir = None
+    if clip is not None:                    # the text direction: once for every video
+        from ipfacediff.losses import text_direction
+        with timer('clip direction'), torch.no_grad(): clip_dir = text_direction(clip, prompt, source_prompt)[0]
     log: list[str] = []
     def warn(msg): log.append(msg); warnings.warn(msg)
     stats = EmbedStats()
     kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats)
     # originals: frames kept for the paired ones (warp error, per-frame comparisons, CLIP)
     needed = {n for items in methods.values() for n in items}
-    orig_frames, orig_emb, orig_hash = {}, {}, {}
+    orig_frames, orig_fps, orig_emb, orig_hash = {}, {}, {}, {}
     for n, p in tqdm(originals.items(), desc='originals', disable=not progress):
         fr = None
         if n in needed:
-            with timer('read video'): fr = orig_frames[n] = load_media(p, fps=fps, max_frames=max_frames)
+            with timer('read video'): fr, orig_fps[n] = load_media(p, fps=fps, max_frames=max_frames, return_fps=True)
+            orig_frames[n] = fr
         orig_hash[n] = content_hash(p)
         with timer('faces + embeddings'): orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, digest=orig_hash[n], **kw)
     gal_names = list(originals)
@@ -676,17 +703,18 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                         'prompt': prompt, 'source_prompt': source_prompt, 'clip': None if clip is None else getattr(clip, 'name', str(clip))},
            'recognizers': recs, 'gallery_size': len(gal_names), 'methods': {}, 'warnings': log}
     per_frame, csv_rows = {}, {}
-    warp_orig_cache = {}
+    warp_orig_cache, clip_orig_cache = {}, {}
     def _we(x):                                         # a still has no consecutive pair: no warp error
         return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
     for m, items in methods.items():
         videos = {}
         for n, p in tqdm(items.items(), desc=f'{m}', disable=not progress):
-            with timer('read video'): ef = load_media(p, fps=fps, max_frames=max_frames)
+            with timer('read video'): ef, ef_fps = load_media(p, fps=fps, max_frames=max_frames, return_fps=True)
             of = orig_frames[n]
             o_emb = orig_emb[n]
+            to_edit = lambda b: _scale_boxes(b, of.shape[1:3], ef.shape[1:3])     # the original's boxes on the edit's frames
             with timer('faces + embeddings'):
-                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=o_emb[recs[0]].boxes, **kw)
+                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=to_edit(o_emb[recs[0]].boxes), **kw)
                 except UserError as e:                 # the edit destroyed the face: scored as a failed edit, not a crash
                     if 'no face' not in str(e): raise
                     e_emb = {r: FaceEmbeddings(np.full((len(ef), o_emb[r].frames.shape[1]), np.nan), np.zeros(len(ef), bool),
@@ -694,7 +722,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             face = bool(e_emb[recs[0]].detected.any())
             nmin = min(len(ef), len(of))
             v = {'n_frames_original': len(of), 'n_frames_edited': len(ef), 'n_frames_compared': nmin,
-                 'size_original': list(of.shape[1:3]), 'size_edited': list(ef.shape[1:3]), 'face_found': face}
+                 'size_original': list(of.shape[1:3]), 'size_edited': list(ef.shape[1:3]),
+                 'fps_original': orig_fps[n], 'fps_edited': ef_fps, 'face_found': face}
             if len(ef) != len(of):
                 warn(f"{m}/{n}: the edit has {len(ef)} frames, the original {len(of)}: both truncated to the first {nmin} for per-frame comparisons")
             ot = {r: o_emb[r].truncate(nmin) for r in recs}; et = {r: e_emb[r].truncate(nmin) for r in recs}
@@ -721,15 +750,21 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                 wo, wopf = warp_orig_cache[n]
             v['warp_error'], v['warp_error_original'] = we, wo
             r0 = recs[0]
-            try: v['tl_id'], v['tg_id'] = tl_id(e_emb[r0].frames, o_emb[r0].frames), tg_id(e_emb[r0].frames, o_emb[r0].frames)
-            except UserError: v['tl_id'] = v['tg_id'] = None
+            for k, f in (('tl_id', tl_id), ('tg_id', tg_id)):   # each on its own: no adjacent pair for TL-ID can leave TG-ID valid
+                try: v[k] = f(e_emb[r0].frames, o_emb[r0].frames)
+                except UserError: v[k] = None
             v['clip_direction'] = None
             if clip is not None and both.any():           # frames where the original and the edit both show a face
                 with timer('clip direction'):
-                    crops_o, det_o, b_o = face_crops(of[:nmin]); crops_e, det_e, _ = face_crops(ef[:nmin], reference_boxes=b_o)
+                    # the original's crops once per video (frame by frame, in order: the first nmin equal face_crops(of[:nmin]))
+                    if n not in clip_orig_cache: clip_orig_cache[n] = face_crops(of)
+                    crops_o, det_o, b_o = clip_orig_cache[n]
+                    det_o, b_o = det_o[:nmin], b_o[:nmin]
+                    crops_e, det_e, _ = face_crops(ef[:nmin], reference_boxes=to_edit(b_o))
                     ie, io_ = np.cumsum(det_e) - 1, np.cumsum(det_o) - 1
                     idx = np.flatnonzero(det_e & det_o)
-                    if len(idx): v['clip_direction'] = clip_direction_score(crops_e[ie[idx]], crops_o[io_[idx]], prompt, source_prompt, clip)
+                    if len(idx): v['clip_direction'] = clip_direction_score(crops_e[ie[idx]], crops_o[io_[idx]], prompt, source_prompt, clip,
+                                                                            direction=clip_dir)
             videos[n] = v
             rows = []
             for t in range(nmin):

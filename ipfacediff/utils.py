@@ -108,7 +108,10 @@ def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=())
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"--out {out} is not empty and holds no {what}: refusing to replace it; choose another --out")
     for p in inputs:
-        if p is not None and inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the {what} would delete it; choose another --out")
+        if p is None: continue
+        if inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the {what} would delete it; choose another --out")
+        if Path(p).is_dir() and inside(out, p):
+            raise UserError(f"--out {out} lies inside the input folder {p}: the {what} would be read as an input next time; choose another --out")
     return out
 
 # %% ../nbs/00a_utils.ipynb #709456f1

@@ -170,7 +170,8 @@ def test_adapter_branches_share_forwards():
                                        (['--device', 'tpu'], "unknown device 'tpu'"),
                                        (['--json', '{tmp}/nodir/b.json'], 'does not exist: create it first'),
                                        (['--json', '{tmp}/old.json'], '--overwrite'),
-                                       (['--json', '{tmp}'], 'is a folder')])
+                                       (['--json', '{tmp}'], 'is a folder'),
+                                       (['--compile-backend', 'eager'], 'pass --compile too')])
 def test_bad_input_exits_2(args, msg, capsys, monkeypatch, tmp_path):
     "One line, exit code 2, before anything is built (a bad value is never replaced by the default), nothing written."
     if args[0] == '--device' and args[1] == 'cuda' and torch.cuda.is_available(): pytest.skip('a GPU is present')
@@ -185,3 +186,12 @@ def test_bad_input_exits_2(args, msg, capsys, monkeypatch, tmp_path):
     assert rc == 2 and msg in err and err.strip().count('\n') == 0, err
     assert built == [] and torch.get_num_threads() == threads
     assert [p.name for p in tmp_path.iterdir()] == ['old.json'] and (tmp_path / 'old.json').read_text() == '{}'
+
+def test_plot_table2_from_the_package():
+    "The Table 2 plot works from an import of the package, not only in its notebook (where pyplot is already imported)."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from ipfacediff.bench import plot_table2, TINY_CPU_S_PER_FRAME
+    ax = plot_table2(TINY_CPU_S_PER_FRAME)
+    assert len(ax.get_lines()) >= 1
+    plt.close('all')

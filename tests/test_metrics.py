@@ -222,7 +222,10 @@ def test_evaluate_checks_settings_before_any_work(tmp_path, capsys, monkeypatch)
              ({'--original': tmp_path / 'orig' / 'clip.mp4'}, f"--original {tmp_path / 'orig' / 'clip.mp4'} is a file: --original must be a folder of videos"),
              ({'--original': tmp_path / 'nodir'}, f"--original {tmp_path / 'nodir'} does not exist"),
              ({'--edited': tmp_path / 'nodir'}, f"--edited {tmp_path / 'nodir'} does not exist"),
-             ({'--gallery': tmp_path / 'nogallery'}, f"--gallery {tmp_path / 'nogallery'} does not exist")]
+             ({'--gallery': tmp_path / 'nogallery'}, f"--gallery {tmp_path / 'nogallery'} does not exist"),
+             # prompts without --clip would be ignored: refused
+             ({'--prompt': 'a smiling face'}, '--prompt and --source-prompt are used only by the CLIP direction score: add --clip'),
+             ({'--prompt': 'a smiling face', '--source-prompt': 'a face'}, 'add --clip'), ({'--source-prompt': 'a face'}, 'add --clip')]
     for kw, msg in cases:
         argv = ['evaluate', '--quiet']
         for k, v in {**base, **kw}.items(): argv += [k] if v is None else [k, str(v)]
@@ -355,3 +358,104 @@ def test_evaluate_bad_input(work):
     assert main(['evaluate', '--original', str(work / 'orig'), '--edited', str(work / 'other'), '--out', str(work / 'r2')],
                 commands={'evaluate': ('ipfacediff.metrics', 'evaluate')}) == 2
     assert not (work / 'r2').exists() and not list(work.glob('.r2*'))
+
+
+# ---------------------------------------------------------------- review fixes: sizes, rates, cache key, CLIP path, TL/TG-ID, prompts
+
+@pytest.fixture(scope='module')
+def small(tmp_path_factory, frames):
+    "6 frames of the sample clip at 320x180 (a ~130 px face), 10 fps, as the one original."
+    w = tmp_path_factory.mktemp('evaluate_small')
+    (w / 'orig').mkdir()
+    clip = np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in frames[:6]])
+    write_video(w / 'orig' / 'clip.mp4', clip, 10, progress=False)
+    return w, M.load_media(w / 'orig' / 'clip.mp4')
+
+
+def test_an_edit_at_another_size_is_scored_and_the_clip_path_is_shared(small, monkeypatch):
+    "An edit at 1.5x the original's size finds its face (reference boxes scaled); the original's CLIP crops and the text direction are computed once."
+    from ipfacediff import losses
+    from ipfacediff.losses import tiny_clip
+    w, of = small
+    edit = M.degrade(of, 'color', seed=3)
+    for m, e in (('scaled', np.stack([cv2.resize(f, (480, 270), interpolation=cv2.INTER_CUBIC) for f in edit])), ('same_size', edit)):
+        (w / m).mkdir(); write_video(w / m / 'clip.mp4', e, 10, progress=False)
+    calls, real_fc, real_td = [], M.face_crops, losses.text_direction
+    monkeypatch.setattr(M, 'face_crops', lambda fr, *a, **k: calls.append(('crops', len(fr), k.get('reference_boxes') is None)) or real_fc(fr, *a, **k))
+    monkeypatch.setattr(losses, 'text_direction', lambda *a, **k: calls.append(('text',)) or real_td(*a, **k))
+    clip = tiny_clip(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        res = M.evaluate(w / 'orig', [w / 'scaled', w / 'same_size'], w / 'r_sizes', clip=clip, prompt='a smiling face',
+                         source_prompt='a face', progress=False)
+    msgs = [str(c.message) for c in caught]
+    v = res['methods']['scaled']['videos']['clip']
+    assert v['size_edited'] == [270, 480] and v['size_original'] == [180, 320]
+    assert v['face_found'] is True and v['frames_without_face_edited'] == 0, msgs        # was: no face (original-pixel boxes)
+    assert v['identity']['dlib']['cosine_distance'] < 0.05 and v['identity']['dlib']['rank'] == 1
+    assert v['clip_direction'] is not None and v['tl_id'] is not None
+    assert not any('no face' in s for s in msgs), msgs
+    # the original's crops once (identity) + once (CLIP, shared by both methods), the text direction once
+    assert sum(c == ('text',) for c in calls) == 1
+    assert sum(c[0] == 'crops' and c[2] for c in calls) == 2, calls
+    # the same numbers as the old per-pair path: fresh crops and a fresh text direction for every (method, video)
+    monkeypatch.setattr(M, 'face_crops', real_fc)
+    co, do, bo = real_fc(of)
+    for m in ('scaled', 'same_size'):
+        ef = M.load_media(w / m / 'clip.mp4')
+        s = np.array([ef.shape[2] / of.shape[2], ef.shape[1] / of.shape[1]] * 2)
+        ce, de, _ = real_fc(ef, reference_boxes=bo * s)
+        idx = np.flatnonzero(de & do)
+        old = M.clip_direction_score(ce[(np.cumsum(de) - 1)[idx]], co[(np.cumsum(do) - 1)[idx]], 'a smiling face', 'a face', clip)
+        assert res['methods'][m]['videos']['clip']['clip_direction'] == pytest.approx(old, rel=1e-12, abs=1e-12), m
+
+
+def test_edits_at_another_frame_rate_are_refused_before_any_work(small, monkeypatch, capsys):
+    from ipfacediff.cli import main
+    w, of = small
+    (w / 'fps5').mkdir(); write_video(w / 'fps5' / 'clip.mp4', of[::2], 5, progress=False)    # an edit made with --fps 5
+    assert M.load_media(w / 'fps5' / 'clip.mp4', return_fps=True)[1] == 5 and M.load_media(w / 'orig' / 'clip.mp4', return_fps=True)[1] == 10
+    assert M.load_media(w / 'orig' / 'clip.mp4', fps=5, return_fps=True)[1] == 5
+    embedded = []
+    monkeypatch.setattr(M, 'embed_media', lambda *a, **k: embedded.append(a))
+    with pytest.raises(UserError, match=r'fps5/clip: the edit runs at 5 fps, the original at 10 fps: pass --fps'):
+        M.evaluate(w / 'orig', w / 'fps5', w / 'r_fps', progress=False)
+    capsys.readouterr()
+    assert main(['evaluate', '--quiet', '--original', str(w / 'orig'), '--edited', str(w / 'fps5'), '--out', str(w / 'r_fps')],
+                commands={'evaluate': ('ipfacediff.metrics', 'evaluate')}) == 2
+    err = capsys.readouterr().err
+    assert '--fps' in err and err.strip().count('\n') == 0, err
+    assert embedded == [] and not (w / 'r_fps').exists()
+    monkeypatch.undo()                                       # with --fps both are read at that rate and pair up
+    with pytest.warns(UserWarning, match='trivially 1'):
+        v = M.evaluate(w / 'orig', w / 'fps5', w / 'r_fps', fps=5, progress=False)['methods']['fps5']['videos']['clip']
+    assert (v['fps_original'], v['fps_edited'], v['n_frames_original'], v['n_frames_edited']) == (5, 5, 3, 3)
+    assert v['identity']['dlib']['mean_frame_cosine_distance'] < 0.01
+
+
+def test_tg_id_is_kept_when_tl_id_has_no_adjacent_pair(small):
+    "Faces in frames 0, 2, 4 only: no two adjacent frames for TL-ID, three frames for TG-ID."
+    w, of = small
+    e = of.copy(); e[1::2] = 128
+    (w / 'gappy').mkdir(); write_video(w / 'gappy' / 'clip.mp4', e, 10, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always'); res = M.evaluate(w / 'orig', w / 'gappy', w / 'r_gappy', progress=False)
+    assert any('no face found in 3 of 6' in str(c.message) for c in caught)
+    v = res['methods']['gappy']['videos']['clip']
+    assert v['tl_id'] is None and v['tg_id'] == pytest.approx(1, abs=0.05)        # was: both None
+    assert res['methods']['gappy']['tg_id'] == pytest.approx(v['tg_id'])
+
+
+def test_the_embedding_cache_key_follows_the_face_detector(tmp_path, monkeypatch):
+    "A cached 'no face' is not reused once `faces.tracker_id()` (the detector's rules) changes."
+    from ipfacediff import faces
+    img = tmp_path / 'wall.png'; cv2.imwrite(str(img), np.full((96, 96, 3), 128, np.uint8))
+    searched, det = [], faces.detect_all
+    monkeypatch.setattr(faces, 'detect_all', lambda *a, **k: searched.append(1) or det(*a, **k))
+    emb = {'any': torch.nn.Identity()}
+    for i in range(2):
+        with pytest.raises(UserError, match='no face'): M.embed_media(img, emb, tmp_path / 'cache')
+    assert len(searched) == 1                                  # the second call read the cached "no face"
+    monkeypatch.setattr(faces, 'tracker_id', lambda: 'dlib 0.0, 0 B landmark model, tracking rules 3')   # the detector changed
+    with pytest.raises(UserError, match='no face'): M.embed_media(img, emb, tmp_path / 'cache')
+    assert len(searched) == 2 and len(list((tmp_path / 'cache').glob('*.npz'))) == 2
