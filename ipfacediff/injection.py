@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from .utils import UserError
+from .utils import UserError, to_device
 
 # %% auto #0
 __all__ = ['DEFAULT_ATTN_LAYERS', 'DEFAULT_CONV_LAYERS', 'TAU_ATTN', 'TAU_CONV', 'resolve_attn_layers', 'resolve_conv_layers',
@@ -107,16 +107,20 @@ class StepPlan:
     n_source: int = 0                 # batched mode: the first n_source rows of the batch are ε1's
     inject_attn: bool = False         # replace the edit rows' Q, K by the source's (injection layers)
     inject_conv: bool = False         # replace the edit rows' resnet features by the source's
+    n_frames: int = 0                 # frames of this forward = edit rows per prompt chunk (set by `forward`)
 
 def _keep(t: torch.Tensor, n_source: int) -> torch.Tensor:
     "The source rows to keep: all rows (separate mode) or a copy of the first n_source (so the batch can be freed)."
     return t[:n_source].clone() if n_source else t
 
-def _tile_rows(src: torch.Tensor, n_rows: int, what: str) -> torch.Tensor:
-    "Source rows for `n_rows` edit rows, chunk-major (edit row r ← source row r mod n)."
-    n = src.shape[0]
-    if n == 0 or n_rows % n: raise ValueError(f"{what}: {n_rows} edit rows are not a whole number of chunks of the {n} source rows")
-    return src if n_rows == n else torch.cat([src] * (n_rows // n))
+def _check_rows(n: int, n_frames: int, what: str):
+    "The source must have one row per frame of the forward (shapes only: no device sync)."
+    if n != n_frames: raise UserError(f"source features have {n} rows for {n_frames} frames (at {what}): record ε1 on the same frames as the latents")
+
+def _tile_rows(src: torch.Tensor, n_frames: int, n_rows: int, what: str) -> torch.Tensor:
+    "Source rows (one per frame) for `n_rows` = chunks × `n_frames` edit rows, chunk-major (edit row r ← source row r mod n_frames)."
+    _check_rows(src.shape[0], n_frames, what)
+    return src if n_rows == n_frames else torch.cat([src] * (n_rows // n_frames))
 
 class IPAttnProcessor:
     "attn1 processor of ε1/ε2: records, injects Q,K (paper §4.1) and delegates the output to its control."
@@ -162,6 +166,13 @@ def attn_output(attn: Attention, q, k, v, mask=None) -> torch.Tensor:
 # %% ../nbs/07_injection.ipynb #3158c5a0
 def _as_cond(cond: torch.Tensor) -> torch.Tensor: return cond if cond.ndim == 3 else cond[None]
 
+def _input_dtype_device(unet) -> tuple[torch.dtype, torch.device]:
+    "The dtype and device a UNet's inputs must have: diffusers' `unet.dtype`/`unet.device`, else its first floating parameter's."
+    dt, dev = getattr(unet, 'dtype', None), getattr(unet, 'device', None)
+    if isinstance(dt, torch.dtype) and dev is not None: return dt, torch.device(dev)
+    p = next(p for p in unet.parameters() if p.is_floating_point())
+    return p.dtype, p.device
+
 class AttentionControl:
     "Context manager that drives a UNet's self-attention layers and resnet hooks, one `StepPlan` per forward."
     def __init__(self, unet, attn_layers=DEFAULT_ATTN_LAYERS, conv_layers=DEFAULT_CONV_LAYERS):
@@ -171,6 +182,7 @@ class AttentionControl:
         self.token_names: list[str] = []  # layers whose input tokens are recorded (TokenFlow sets them)
         self.plan, self.calls, self.features = StepPlan(), Counter(), Features()
         self._orig, self._handles, self._t = None, [], {}
+        self._input: tuple[torch.dtype, torch.device] | None = None   # the UNet's (dtype, device), read on entry
 
     @property
     def processor_names(self) -> list[str]:
@@ -183,7 +195,7 @@ class AttentionControl:
         procs = self.unet.attn_processors
         if any(isinstance(p, IPAttnProcessor) for p in procs.values()):
             raise RuntimeError("this UNet is already under an AttentionControl: use one control per network (it serves both roles)")
-        self._orig = dict(procs)
+        self._orig, self._input = dict(procs), _input_dtype_device(self.unet)
         new = dict(procs)
         for n in self.processor_names: new[f'{n}.processor'] = IPAttnProcessor(n, self)
         self.unet.set_attn_processor(new)  # empties `new`, never `self._orig`
@@ -203,7 +215,7 @@ class AttentionControl:
         if p.n_source: return live[:p.n_source]
         if p.source is None or name not in recorded:
             raise ValueError(f"injection at {name} needs ε1's features: pass source= (recorded with the same layers) or a BatchedSource")
-        return recorded[name].to(live.dtype)
+        return recorded[name].to(live.device, live.dtype)
 
     def record_and_inject(self, name, x, q, k):
         "Record the source rows' Q, K, tokens; put the source Q, K into the edit rows (paper §4.1)."
@@ -213,8 +225,8 @@ class AttentionControl:
             if name in self.token_names: self.features.tokens[name] = _keep(x, p.n_source)
         if p.inject_attn and name in self.attn_names:
             n = p.n_source
-            sq = _tile_rows(self._source_rows(q, p.source.q if p.source else {}, name), q.shape[0] - n, name)
-            sk = _tile_rows(self._source_rows(k, p.source.k if p.source else {}, name), k.shape[0] - n, name)
+            sq = _tile_rows(self._source_rows(q, p.source.q if p.source else {}, name), p.n_frames, q.shape[0] - n, name)
+            sk = _tile_rows(self._source_rows(k, p.source.k if p.source else {}, name), p.n_frames, k.shape[0] - n, name)
             q = torch.cat([q[:n], sq]) if n else sq
             k = torch.cat([k[:n], sk]) if n else sk
         return q, k
@@ -230,7 +242,7 @@ class AttentionControl:
             if p.record: self.features.conv[name] = _keep(out, p.n_source)
             if p.inject_conv:
                 n = p.n_source
-                src = _tile_rows(self._source_rows(out, p.source.conv if p.source else {}, name), out.shape[0] - n, name)
+                src = _tile_rows(self._source_rows(out, p.source.conv if p.source else {}, name), p.n_frames, out.shape[0] - n, name)
                 return torch.cat([out[:n], src]) if n else src
             return out
         return hook
@@ -239,15 +251,20 @@ class AttentionControl:
     def _check_active(self):
         if self._orig is None: raise RuntimeError("AttentionControl is not active: use it as `with AttentionControl(unet) as ctl:`")
 
+    def _to_input(self, t: torch.Tensor) -> torch.Tensor:
+        "`t` in the UNet's dtype on its device (`t` itself if it already is); a CPU tensor is cast first, then copied over queued."
+        dt, dev = self._input
+        return to_device(t.to(dt), dev)
+
     def _batch(self, latents, cond, source):
-        "Rows [source?] + [chunk c: latents] for each prompt chunk c, with matching prompt embeddings."
-        cond = _as_cond(cond).to(latents.dtype)
+        "Rows [source?] + [chunk c: latents] for each prompt chunk c, with matching prompt embeddings, in the UNet's dtype and device."
+        latents, cond = self._to_input(latents), self._to_input(_as_cond(cond))
         m, n = cond.shape[0], latents.shape[0]
         z, c = torch.cat([latents] * m), cond.repeat_interleave(n, 0)
         if isinstance(source, BatchedSource):
-            sc = _as_cond(source.cond).to(latents.dtype)
-            sc = sc.expand(source.latents.shape[0], -1, -1) if sc.shape[0] == 1 else sc
-            z, c = torch.cat([source.latents, z]), torch.cat([sc, c])
+            sz, sc = self._to_input(source.latents), self._to_input(_as_cond(source.cond))
+            sc = sc.expand(sz.shape[0], -1, -1) if sc.shape[0] == 1 else sc
+            z, c = torch.cat([sz, z]), torch.cat([sc, c])
         return z, c
 
     @torch.no_grad()
@@ -258,6 +275,7 @@ class AttentionControl:
         if isinstance(source, BatchedSource):
             plan.n_source, plan.source = source.latents.shape[0], None
         elif source is not None: plan.source = source
+        plan.n_frames = latents.shape[0]
         z, c = self._batch(latents, cond, source)
         self.plan, self.calls, self.features = plan, Counter(), Features()
         try: eps = self.unet(z, self.timestep(t, z.device), encoder_hidden_states=c).sample

@@ -129,12 +129,50 @@ def _hub_quiet():
         warnings.filterwarnings('ignore', message='.*local_dir_use_symlinks.*')
         yield
 
+_CKPT_SUFFIXES = ('.safetensors', '.ckpt', '.pt', '.pth', '.bin')
+
+def _single_file_error(what, path, then='pass DIR') -> UserError:
+    "The error for a single-file checkpoint where a diffusers folder is needed."
+    return UserError(f"{what} {path} is a single-file checkpoint, not a folder in diffusers' layout: convert it once "
+        f"with `python -c \"from diffusers import StableDiffusionPipeline as P; P.from_single_file('{path}').save_pretrained('DIR')\"` "
+        f"(it fetches the matching configs, so run it where there is internet or the base model is cached), then {then}")
+
+def _per_block(v, n: int):
+    "A UNet config value given once or per block (`cross_attention_dim`, `layers_per_block`, …) as an n-tuple; lists as tuples."
+    if isinstance(v, (list, tuple)): return tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    return v if v is None else (v,) * n
+
+def _show(v):
+    "A config value for a message: a per-block value that is the same for every block shown once."
+    v = tuple(v) if isinstance(v, list) else v
+    return v[0] if isinstance(v, tuple) and len(set(v)) == 1 and not isinstance(v[0], str) else v
+
+def _check_sd_unet(unet, text_encoder, vae, model) -> None:
+    "A `UserError` unless `unet` is a text-to-image ε-network that reads `vae`'s latents and `text_encoder`'s hidden states."
+    u, hidden = unet.config, text_encoder.config.hidden_size
+    for key, want, hint in (('in_channels', 4, {9: ' (an inpainting model)', 5: ' (a depth-to-image model)'}), ('out_channels', 4, {})):
+        if u[key] != want:
+            raise UserError(f"the UNet of {model} has {key} {u[key]}{hint.get(u[key], '')}, not {want}: "
+                            f"pass a text-to-image Stable Diffusion model such as {DEFAULT_MODEL}")
+    if vae.config.latent_channels != u.in_channels:
+        raise UserError(f"the VAE of {model} has latent_channels {vae.config.latent_channels} but its UNet has in_channels "
+                        f"{u.in_channels}: pass a model whose vae/ and unet/ belong together")
+    xattn = set(_per_block(u.cross_attention_dim, len(u.down_block_types)) or (None,))
+    if xattn != {hidden}:
+        raise UserError(f"the UNet of {model} has cross_attention_dim {_show(u.cross_attention_dim)} but its text encoder's "
+                        f"hidden_size is {hidden}: pass a model whose unet/ and text_encoder/ belong together (SD 2.x: 1024, SD 1.x: 768)")
+    if u.get('addition_embed_type') is not None:
+        raise UserError(f"the UNet of {model} needs added conditioning (addition_embed_type={u.addition_embed_type!r}, e.g. SDXL) "
+                        f"that ipfacediff does not supply: pass an SD 1.x/2.x model such as {DEFAULT_MODEL}")
+
 def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDComponents:
     "Load SD's parts from a hub id or a local folder; a `UserError` naming what is missing if it fails."
     model = str(model)
     device = resolve_device(device); dtype = resolve_dtype(dtype, device)
     p = Path(model).expanduser()
-    if (p.exists() or model.startswith(('.', '/', '~'))) and not p.is_dir():
+    if p.is_file() and p.suffix.lower() in _CKPT_SUFFIXES: raise _single_file_error('model', p, 'pass --model DIR')
+    if p.is_file(): raise UserError(f"model {p} is a file: pass a folder with unet/, vae/, text_encoder/, tokenizer/")
+    if model.startswith(('.', '/', '~')) and not p.is_dir():
         raise UserError(f"model folder {model} does not exist: pass a folder with unet/, vae/, text_encoder/, tokenizer/")
     if p.is_dir():
         model = str(p)
@@ -149,6 +187,7 @@ def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDC
         try:
             with _hub_quiet(): parts[name] = load()
         except (OSError, ValueError, EnvironmentError) as e: raise _missing_weights(model, name, e) from None
+    _check_sd_unet(parts['unet'], parts['text_encoder'], parts['vae'], model)
     try:
         with _hub_quiet(): sched = DDIMScheduler.from_pretrained(model, subfolder='scheduler')
     except (OSError, ValueError): sched = make_scheduler()
@@ -166,8 +205,108 @@ def save_components(comps: SDComponents, path) -> Path:
     return path
 
 # %% ../nbs/01_models.ipynb #03172c1f
+# config keys that decide whether a UNet can stand in for the base: input/output, text conditioning, and the
+# layer layout and head counts that feature injection (07_injection) pairs across the two branches
+_ARCH_KEYS = ('in_channels', 'out_channels', 'cross_attention_dim', 'block_out_channels', 'down_block_types',
+              'mid_block_type', 'up_block_types', 'layers_per_block', 'transformer_layers_per_block', 'num_attention_heads',
+              'addition_embed_type', 'class_embed_type', 'encoder_hid_dim_type', 'time_cond_proj_dim')
+_PER_BLOCK = ('cross_attention_dim', 'layers_per_block', 'transformer_layers_per_block', 'num_attention_heads')
+
+def _arch(cfg) -> dict:
+    "The `_ARCH_KEYS` of a UNet config, defaults filled in (older files lack newer keys), per-block values spelled out."
+    import inspect
+    defaults = {k: q.default for k, q in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+                if q.default is not inspect.Parameter.empty}
+    cfg = {**defaults, **{k: v for k, v in cfg.items() if not k.startswith('_')}}
+    n = len(cfg.get('down_block_types') or ())
+    heads = cfg.get('num_attention_heads') or cfg.get('attention_head_dim')   # diffusers' own fallback
+    vals = {k: heads if k == 'num_attention_heads' else cfg.get(k) for k in _ARCH_KEYS}
+    return {k: _per_block(v, n) if k in _PER_BLOCK else _per_block(v, 0) if isinstance(v, (list, tuple)) else v
+            for k, v in vals.items()}
+
+def _check_fits(cfg, base, name, spec) -> None:
+    "A `UserError` naming the first decisive config key where the UNet config `cfg` differs from `base`'s."
+    if cfg.get('_class_name', 'UNet2DConditionModel') != 'UNet2DConditionModel':
+        raise UserError(f"{name} {spec} holds a {cfg['_class_name']}, not a UNet2DConditionModel: pass a UNet folder, a LoRA adapter folder or a hub id")
+    a, b = _arch(cfg), _arch(base.config)
+    for k in _ARCH_KEYS:
+        if a[k] != b[k]:
+            hint = ' (an inpainting UNet)' if k == 'in_channels' and a[k] == 9 else ''
+            raise UserError(f"{name} {spec} does not fit the base UNet: its {k} is {_show(a[k])}{hint}, the base's is "
+                            f"{_show(b[k])}: pass a UNet or LoRA fine-tuned from the base model")
+
+def _lora_keys(f: Path) -> bool:
+    "Whether the safetensors file `f` holds LoRA weights (diffusers', peft's or kohya's names) rather than a full model."
+    from safetensors import safe_open
+    try:
+        with safe_open(str(f), 'pt') as st: return any('lora' in k.lower() for k in st.keys())
+    except Exception: return False
+
+_LORA_NAMES = ('pytorch_lora_weights.safetensors', 'pytorch_lora_weights.bin')   # diffusers' save_lora_weights
+
+def _lora_file(p: Path) -> Path | None:
+    "The LoRA weights file that `p` (a folder or a file) stands for, in diffusers' or kohya's format; None if it is none."
+    if p.is_file(): return p if p.name in _LORA_NAMES or (p.suffix == '.safetensors' and _lora_keys(p)) else None
+    if not p.is_dir(): return None
+    named = [p / n for n in _LORA_NAMES if (p / n).is_file()]
+    if named: return named[0]
+    if (p / 'config.json').exists() or (p / 'unet').is_dir(): return None
+    found = [f for f in sorted(p.glob('*.safetensors')) if _lora_keys(f)]
+    return found[0] if len(found) == 1 else None
+
+@contextlib.contextmanager
+def _diffusers_quiet():
+    "Hold back diffusers' log lines (multi-line errors before our own one-line one)."
+    import logging
+    lg = logging.getLogger('diffusers'); old = lg.level
+    lg.setLevel(logging.CRITICAL + 1)
+    try: yield
+    finally: lg.setLevel(old)
+
+def _load_diffusers_lora(f: Path, base, name):
+    "A copy of `base` with the diffusers-/kohya-format LoRA in the file `f` fused into its weights."
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    fail = lambda e: UserError(f"{name} {f} is not a LoRA for this UNet ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}): "
+                               f"pass a LoRA trained on the base model")
+    try:
+        with _hub_quiet(), _diffusers_quiet():
+            sd, alphas, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(f.parent), weight_name=f.name, return_lora_metadata=True)
+    except Exception as e: raise fail(e) from None
+    if any(k.startswith('text_encoder') for k in sd):
+        raise UserError(f"{name} {f} also holds text-encoder LoRA weights, which a branch cannot use (both branches share the "
+                        f"text encoder): pass a LoRA trained on the UNet alone")
+    unet_sd = {k.removeprefix('unet.'): v for k, v in sd.items() if k.startswith('unet.')}
+    if not unet_sd: raise UserError(f"{name} {f} holds no UNet LoRA weights: pass a LoRA trained on the UNet")
+    if not any('lora_A' in k for k in unet_sd): unet_sd = convert_unet_state_dict_to_peft(unet_sd)
+    mods = dict(base.named_modules())
+    lost = sorted({k.split('.lora_')[0] for k in unet_sd if '.lora_' in k} - set(mods))
+    if lost: raise UserError(f"{name} {f} is not a LoRA for this UNet (this UNet has no layer {lost[0]}): pass a LoRA trained on the base model")
+    m = copy.deepcopy(base)
+    try:
+        with _hub_quiet(), _diffusers_quiet():
+            m.load_lora_adapter(sd, prefix='unet', network_alphas=alphas, metadata=meta, adapter_name='branch')
+            m.fuse_lora(); m.unload_lora()
+    except Exception as e: raise fail(e) from None
+    return m
+
+def _unet_source(p: Path, spec, name):
+    "(config, where, subfolder) of the UNet that `spec` names: a folder (its unet/ if it has one) or a hub id (its root, else unet/)."
+    src = str(p) if p.exists() else str(spec)
+    subs = (['unet'] if (p / 'unet').is_dir() else [None]) if p.exists() else [None, 'unet']
+    first = other = None
+    for sub in subs:
+        try:
+            with _hub_quiet(): cfg = UNet2DConditionModel.load_config(src, subfolder=sub)
+        except (OSError, ValueError) as e: first = first or e; continue
+        if cfg.get('_class_name', 'UNet2DConditionModel') == 'UNet2DConditionModel': return cfg, src, sub
+        other = other or (cfg, src, sub)          # another model's config: `_check_fits` names its class
+    if other: return other
+    raise UserError(f"could not load {name} {spec} ({type(first).__name__}): pass a UNet folder (config.json + weights), "
+                    f"a LoRA adapter folder, or a cached hub id")
+
 def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2DConditionModel:
-    "ε1 / ε2 from `spec`: None → `base`; a UNet folder or hub id; or a LoRA adapter folder merged into a copy of `base`."
+    "ε1 / ε2 from `spec`: None → `base`; a UNet folder or hub id; or a LoRA (peft folder, diffusers/kohya file or folder) merged into a copy of `base`."
     if spec is None or str(spec) in ('', 'base'): return base
     p = Path(str(spec)).expanduser()
     dev, dt = base.device, base.dtype
@@ -176,11 +315,14 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
         try: m = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
         except Exception as e: raise UserError(f"{name} {p} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         return move(m.merge_and_unload(), dev, dt).eval().requires_grad_(False)
-    sub = 'unet' if (p / 'unet').is_dir() else None
+    if (f := _lora_file(p)) is not None: return move(_load_diffusers_lora(f, base, name), dev, dt).eval().requires_grad_(False)
+    if p.is_file() and p.suffix.lower() in _CKPT_SUFFIXES: raise _single_file_error(name, p, 'pass DIR/unet')
     if p.exists() and not p.is_dir(): raise UserError(f"{name} {p} is a file: pass a UNet folder, a LoRA adapter folder or a hub id")
     if not p.exists() and str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
+    cfg, src, sub = _unet_source(p, spec, name)
+    _check_fits(cfg, base, name, spec)
     try:
-        with _hub_quiet(): m = UNet2DConditionModel.from_pretrained(str(p) if p.exists() else str(spec), subfolder=sub, torch_dtype=dt)
+        with _hub_quiet(): m = UNet2DConditionModel.from_pretrained(src, subfolder=sub, torch_dtype=dt)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {name} {spec} ({type(e).__name__}): pass a UNet folder (config.json + weights), a LoRA adapter folder, or a cached hub id") from None
     return m.to(dev).eval().requires_grad_(False)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from .utils import UserError, to_device
-from .injection import (AttentionControl, resolve_attn_layers, _keep, BatchedSource, Features, StepPlan, attn_output, project_heads,
-                        DEFAULT_ATTN_LAYERS, DEFAULT_CONV_LAYERS)
+from .injection import (AttentionControl, resolve_attn_layers, _keep, _check_rows, BatchedSource, Features, StepPlan, attn_output,
+                        project_heads, DEFAULT_ATTN_LAYERS, DEFAULT_CONV_LAYERS)
 
 # %% auto #0
 __all__ = ['frame_batches', 'sample_keyframes', 'extended_attention', 'unit_tokens', 'nearest_neighbours', 'propagation_weights',
@@ -106,12 +106,16 @@ class TokenFlowControl(AttentionControl):
         self.chunk_size, self.nn_chunk_size = chunk_size, nn_chunk_size
 
     def _field_tokens(self, name, x, n_frames) -> torch.Tensor:
-        "Tokens for the NN field: the source rows, ε1's recorded tokens (K|n, L, C), or without a source ε2's own (m, K|n, L, C)."
+        """Tokens for the NN field: the source rows, ε1's recorded tokens (K|n, L, C), or without a source ε2's own (m, K|n, L, C).
+        A source must have one row per frame (`n_frames`: the keyframes, or the frames propagated to)."""
         p = self.plan
-        if p.n_source: return _keep(x, p.n_source)
+        if p.n_source:
+            _check_rows(p.n_source, n_frames, name)
+            return _keep(x, p.n_source)
         if p.source is None: return x.view(-1, n_frames, *x.shape[1:])
         if name not in p.source.tokens:
             raise ValueError(f"TokenFlow at {name} needs ε1's attn1 input tokens: record them with a TokenFlowControl, or pass a BatchedSource")
+        _check_rows(p.source.tokens[name].shape[0], n_frames, name)
         return p.source.tokens[name]
 
     def attend(self, name, attn, x, q, k, v, mask=None) -> torch.Tensor:
