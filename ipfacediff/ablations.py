@@ -149,9 +149,9 @@ def _replace_paths(x, old: str, new: str):
     if isinstance(x, list): return [_replace_paths(v, old, new) for v in x]
     return x.replace(old, new) if isinstance(x, str) else x
 
-def _prepare_out(out: Path, overwrite: bool, inputs=()):
-    "The study replaces `out` as a whole: `check_report_folder` with its marker, ablations.json."
-    check_report_folder(out, overwrite, 'ablations.json', 'ablation study', inputs)
+def _prepare_out(out: Path, overwrite: bool, inputs=(), gallery=None):
+    "The study replaces `out` as a whole: `check_report_folder` with its marker, ablations.json (`gallery`: a folder of videos)."
+    check_report_folder(out, overwrite, 'ablations.json', 'ablation study', inputs, listed=[gallery])
 
 # %% ../nbs/11_ablations.ipynb #d3fab85f
 _NOT_EDIT_STAGES = ('read', 'track/align')     # shared by all rows (the face track is cached after the first)
@@ -206,7 +206,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
         if spec and str(spec).startswith(('.', '/', '~')) and not Path(spec).expanduser().exists():
             raise UserError(f"{flag} {spec} does not exist: pass the folder `ipfacediff finetune` wrote")
     local = [p for p in (model, identity_model, edit_model) if p and Path(str(p)).expanduser().exists()]   # not hub ids
-    _prepare_out(out, overwrite, [video, gallery, *local])
+    _prepare_out(out, overwrite, [video, *local], gallery)
     embs = _parse_recognizers(recognizers)          # fails now (one line) if a recognizer is unknown or lacks weights
     rec0 = list(embs)[0]
     if gallery is not None: list_media(gallery)
@@ -317,7 +317,7 @@ def _run_cli(a) -> AblationResult:
         torch.set_num_threads(1)
         from ipfacediff.pipeline import EditConfig
         EditConfig(a.prompt, **s).validate()
-        _prepare_out(out, a.overwrite, (a.video, a.gallery))
+        _prepare_out(out, a.overwrite, [a.video], a.gallery)
         from ipfacediff.pipeline import default_cache_dir
         usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)      # before the branches are fine-tuned
         print('ipfacediff: --tiny smoke run: tiny random models and branches fine-tuned for a few steps; the edited face pixels are noise (mechanics only)')

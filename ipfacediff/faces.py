@@ -36,7 +36,8 @@ def _dlib_models():
     except ImportError: raise UserError("dlib is missing: pip install dlib-bin") from None
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path()))
 
-_TRACKING_RULES = 2   # bump when `detect_faces`/`track_faces` choose differently (2: full-size retry, followed by position)
+_TRACKING_RULES = 3   # bump when `detect_faces`/`track_faces` choose differently (2: full-size retry, followed by position;
+                      # 3: a lone face of the face's size is taken where nothing continues it, full-size retry per clip)
 
 @functools.lru_cache(maxsize=None)
 def tracker_id() -> str:
@@ -62,12 +63,9 @@ def _hog(gray: np.ndarray, s: float, upsample: int) -> np.ndarray:
     return np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], dtype=np.float64).reshape(-1, 4) / s
 
 def detect_faces(img: np.ndarray, max_side: int = 1024, upsample: int = 0) -> np.ndarray:
-    """Face boxes `(K, 4)` as `(x0, y0, x1, y1)` in `img`'s pixels, largest first: dlib HOG on a copy ≤ `max_side`,
-    and on the full-size frame when that copy was smaller and shows no face."""
+    "Face boxes `(K, 4)` as `(x0, y0, x1, y1)` in `img`'s pixels, largest first: dlib HOG on a copy ≤ `max_side`."
     gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    s = min(1.0, max_side / max(gray.shape[:2]))
-    boxes = _hog(gray, s, upsample)
-    if not len(boxes) and s < 1: boxes = _hog(gray, 1.0, upsample)    # faces too small for the copy
+    boxes = _hog(gray, min(1.0, max_side / max(gray.shape[:2])), upsample)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return boxes[np.argsort(-area, kind='stable')]
 
@@ -131,25 +129,33 @@ class FaceTrack:
         return np.stack([apply_affine(M, l) for M, l in zip(self.crop_from_frame, self.landmarks)])
 
 # %% ../nbs/03_faces.ipynb #a459463c
+def _side(b: np.ndarray) -> np.ndarray:
+    "Side of the square with the area of the box(es) `b` (`(..., 4)`)."
+    return np.sqrt((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))
+
+def _same_size(prev: np.ndarray, found: np.ndarray) -> np.ndarray:
+    "Whether each box in `found` has a side within 1.5× of `prev`'s."
+    r = _side(found) / _side(prev)
+    return (r <= 1.5) & (r >= 1 / 1.5)
+
 def _continues(prev: np.ndarray, found: np.ndarray, k: int) -> int | None:
     """Index of the box in `found` that continues `prev`, the face's box `k` frames earlier, else None: the nearest
     centre within (0.5 + 0.1 (k − 1)) × `prev`'s side (at most 1 side) of `prev`'s, with a side within 1.5× of it."""
     if not len(found): return None
-    side = lambda b: np.sqrt((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))
-    s, r = side(prev), side(found) / side(prev)
-    d = np.linalg.norm((found[:, :2] + found[:, 2:]) / 2 - (prev[:2] + prev[2:]) / 2, axis=-1) / s
-    ok = (d <= min(0.5 + 0.1 * (k - 1), 1.0)) & (r <= 1.5) & (r >= 1 / 1.5)
+    d = np.linalg.norm((found[:, :2] + found[:, 2:]) / 2 - (prev[:2] + prev[2:]) / 2, axis=-1) / _side(prev)
+    ok = (d <= min(0.5 + 0.1 * (k - 1), 1.0)) & _same_size(prev, found)
     return int(np.argmin(np.where(ok, d, np.inf))) if ok.any() else None
 
 def _follow(all_found, max_gap: int) -> tuple[list, list]:
     "The followed face's index in each frame's boxes (None: not in that frame), and the frames where the track started afresh."
-    if all(len(f) <= 1 for f in all_found): return [0 if len(f) else None for f in all_found], []   # nobody to confuse it with
     chosen, restarts, prev, last = [], [], None, -1
     for i, found in enumerate(all_found):
         j = None if prev is None else _continues(prev, found, i - last)
         if j is None and len(found) and (prev is None or i - last > max_gap + 1):
             j = 0                                            # start (again): the largest face
             if prev is not None: restarts.append(i)
+        if j is None and len(found) == 1 and _same_size(prev, found)[0]:
+            j = 0                                            # the only face, of its size: moved fast, came back, a cut
         if j is not None: prev, last = found[j], i
         chosen.append(j)
     return chosen, restarts
@@ -172,13 +178,17 @@ def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | N
 def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int = 1024, upsample: int = 0,
                 workers: int | None = None, progress: bool = True, max_gap: int = 25) -> FaceTrack:
     """Detect, landmark and FFHQ-align one face through `frames` (uint8 `(N, H, W, 3)`), smoothing the crops over time.
-    The face is followed by its position; after more than `max_gap` frames without it, the largest face starts it afresh.
-    Detection, most of the cost, runs on `workers` threads (default: all CPUs); the result does not depend on it."""
+    The face is followed by its position (or taken as the only face of its size in a frame); after more than `max_gap`
+    frames without it, the largest face starts it afresh. Frames are searched reduced to `max_side`, and all again at
+    full size when none shows a face. Detection, most of the cost, runs on `workers` threads (default: all CPUs); the
+    result does not depend on it."""
     n = len(frames)
     if n == 0: raise UserError("no frames to look for a face in")
     H, W = np.asarray(frames[0]).shape[:2]
     lms, boxes = np.zeros((n, 68, 2)), np.zeros((n, 4))
     all_found = detect_all(frames, max_side, upsample, workers, progress)
+    if max(H, W) > max_side and not any(len(f) for f in all_found):   # faces too small for the reduced copies
+        all_found = detect_all(frames, max(H, W), upsample, workers, progress)
     n_faces = np.array([len(f) for f in all_found], int)
     chosen, restarts = _follow(all_found, max_gap)
     detected = np.array([j is not None for j in chosen], bool)

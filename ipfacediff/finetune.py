@@ -288,7 +288,9 @@ class Finetuner:
                 if not (p / 'state.json').exists(): raise UserError(f"{p} is not a checkpoint folder (no state.json): pass --resume with no value to take the latest in --out")
                 if inside(p, out): return p, False     # a checkpoint of this run
                 # another run's checkpoint: --out is a new run's folder, checked as for a fresh run
-                return p, self._prepare_out(False, overwrite)[1]
+                try: return p, self._prepare_out(False, overwrite)[1]
+                except UserError: raise UserError(f"--out {out} is not empty: resuming from another run's checkpoint ({p}) starts a new "
+                                                  "run folder; choose an empty --out") from None
             if cks: return cks[-1], False
             if not busy: return None, False  # nothing to resume: a fresh run
             if _unstarted(out): return None, True

@@ -33,7 +33,7 @@ def _crop(img, M, size):
 def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = False):
     """FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames with a face, the mask `(N,)` of those frames,
     and the chosen face boxes `(N, 4)` (x0, y0, x1, y1; NaN without a face)."""
-    from ipfacediff.faces import detect_all, face_landmarks, ffhq_quad, crop_matrix
+    from ipfacediff.faces import detect_all, face_landmarks, ffhq_quad, crop_matrix, _follow
     frames = np.asarray(frames)
     if frames.ndim == 3: frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -41,21 +41,20 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
     n = len(frames)
     if n == 0: raise UserError("no frames to look for a face in")
     ref = None if reference_boxes is None else np.asarray(reference_boxes, np.float64)
-    boxes, crops, prev = np.full((n, 4), np.nan), [], None
+    boxes, crops = np.full((n, 4), np.nan), []
     all_found = detect_all(frames, progress=progress)                   # on all CPUs
+    followed = _follow(all_found, 25)[0]                                # the face `track_faces` follows (its default gap)
     for i in tqdm(range(n), desc='faces', disable=not progress, leave=False):
         found = all_found[i]
-        if not len(found): continue
         hint = ref[i] if ref is not None and i < len(ref) and np.isfinite(ref[i]).all() else None
-        best = found[0]
-        if hint is not None or prev is not None:
-            ious = [_iou(hint if hint is not None else prev, b) for b in found]
-            k = int(np.argmax(ious))
-            if ious[k] > 0.3: best = found[k]
-            elif hint is not None: continue           # the original's face is not found here
+        if hint is not None:                          # the detection overlapping the original's face, else none
+            ious = [_iou(hint, b) for b in found]
+            best = found[int(np.argmax(ious))] if ious and max(ious) > 0.3 else None
+        else: best = None if followed[i] is None else found[followed[i]]
+        if best is None: continue
         c, x = ffhq_quad(face_landmarks(frames[i], best))
         crops.append(_crop(frames[i], crop_matrix(c, x, size), size))
-        boxes[i], prev = best, best
+        boxes[i] = best
     det = np.isfinite(boxes[:, 0])
     if not det.any():
         raise UserError(f"no face found in any of the {n} frames" + (" where the original shows one" if ref is not None else "") +
@@ -611,13 +610,12 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     "Score edited videos against their originals (Tables 1 and 3); writes the report folder `out` (see above) and returns metrics.json's content."
     timer = timer or StageTimer()
     edited = [edited] if isinstance(edited, (str, os.PathLike)) else list(edited)
-    out = check_report_folder(out, overwrite, 'metrics.json', 'evaluation report', [original, gallery, *edited])
+    out = check_report_folder(out, overwrite, 'metrics.json', 'evaluation report', listed=[original, gallery, *edited])
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"--batch-size must be a whole number of at least 1, got {batch_size}")
-    if fps is not None and not (isinstance(fps, (int, float, np.number)) and math.isfinite(fps) and fps > 0):
-        raise UserError(f"--fps must be a number above 0 (the paper: 10), got {fps}")
-    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1):
-        raise UserError(f"--max-frames must be a whole number of at least 1, got {max_frames}")
+    from ipfacediff.video import check_fps, check_max_frames      # video I/O (PyAV) is imported when first needed
+    if fps is not None: check_fps(fps, '--fps')
+    check_max_frames(max_frames, '--max-frames')
     if cache_dir is not None: cache_dir = usable_cache_dir(cache_dir, '--cache-dir', create=False)   # made when first used
     if rank_metric not in ('cosine', 'euclidean'): raise UserError(f"unknown --rank-metric {rank_metric!r}: use cosine or euclidean")
     if flow not in FLOW_METHODS: raise UserError(f"unknown --flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")

@@ -16,7 +16,7 @@ from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_br
                                encode_prompt, vae_encode, vae_decode)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
-from .video import read_video, write_video, write_side_by_side
+from .video import read_video, write_video, write_side_by_side, check_fps, check_max_frames
 from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer, content_hash
 
@@ -70,8 +70,8 @@ class EditConfig:
                             f"timesteps: use --inversion-steps {self.steps}" + ''.join(f", {n}" for n in ok))
         if self.size < 64 or self.size % 64: raise UserError(f"--size must be a multiple of 64 (e.g. 512), got {self.size}")
         if self.batch_size < 1: raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_frames is not None and self.max_frames < 1: raise UserError(f"--max-frames must be at least 1, got {self.max_frames}")
-        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0): raise UserError(f"--fps must be a positive number, got {self.fps}")
+        check_max_frames(self.max_frames, '--max-frames')
+        if self.fps is not None: check_fps(self.fps, '--fps')
         if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")

@@ -101,16 +101,16 @@ def inside(path, folder) -> bool:
     return p == f or f in p.parents
 
 # %% ../nbs/00a_utils.ipynb #8fcf666d
-def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=()) -> Path:
+def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=(), listed=()) -> Path:
     "Refuse an `--out` folder that must not be replaced (see above); returns `out` as a `Path`."
     out = Path(out)
     _check_target(out, overwrite, want_dir=True, name='--out', what=what)
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"--out {out} is not empty and holds no {what}: refusing to replace it; choose another --out")
-    for p in inputs:
-        if p is None: continue
-        if inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the {what} would delete it; choose another --out")
-        if Path(p).is_dir() and inside(out, p):
+    for p in [*inputs, *listed]:
+        if p is not None and inside(p, out): raise UserError(f"--out {out} holds the input {p}: replacing the {what} would delete it; choose another --out")
+    for p in listed:                                    # folders whose files are listed as inputs
+        if p is not None and Path(p).is_dir() and inside(out, p):
             raise UserError(f"--out {out} lies inside the input folder {p}: the {what} would be read as an input next time; choose another --out")
     return out
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .utils import UserError, atomic_output
 
 # %% auto #0
-__all__ = ['VideoInfo', 'display_rotation', 'upright', 'read_video', 'write_video', 'side_by_side', 'write_side_by_side']
+__all__ = ['VideoInfo', 'display_rotation', 'upright', 'check_fps', 'check_max_frames', 'read_video', 'write_video',
+           'side_by_side', 'write_side_by_side']
 
 # %% ../nbs/02_video.ipynb #63a21e64
 @dataclass
@@ -86,18 +87,18 @@ def _stream_rotation(container, stream, first_frame=None) -> int:
     return 0
 
 # %% ../nbs/02_video.ipynb #15c3c439
-def _check_fps(fps, what: str = 'fps') -> float:
+def check_fps(fps, what: str = 'fps') -> float:
     "`fps` as a float, after checking that it is a finite number above 0."
     try: f = float(fps)
     except (TypeError, ValueError): f = math.nan
     if not (math.isfinite(f) and f > 0): raise UserError(f"{what} must be a finite number above 0 (frames per second), got {fps!r}")
     return f
 
-def _check_max_frames(n) -> int | None:
+def check_max_frames(n, what: str = 'max_frames') -> int | None:
     "`n` as an int ≥ 1, or None (all frames)."
     if n is None: return None
     if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n != int(n) or n < 1:
-        raise UserError(f"max_frames must be a whole number of at least 1 (or None for all frames), got {n!r}")
+        raise UserError(f"{what} must be a whole number of at least 1, got {n!r}")
     return int(n)
 
 def _check_start(start) -> float:
@@ -132,8 +133,8 @@ def _too_big(path, n: int, w: int, h: int) -> UserError:
 def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
                progress: bool = True, max_gb: float = 16.0) -> tuple[np.ndarray, VideoInfo]:
     "Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, at `fps` (or the source's rate), nearest frame to each time."
-    fps = None if fps is None else _check_fps(fps)
-    max_frames, start = _check_max_frames(max_frames), _check_start(start)
+    fps = None if fps is None else check_fps(fps)
+    max_frames, start = check_max_frames(max_frames), _check_start(start)
     container, stream = _open_video(path)
     try:
         src_fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0) or None
@@ -240,7 +241,7 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
                 crf: int = 18, preset: str = 'medium', progress: bool = True) -> Path:
     "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic."
     h, w = _check_frames(frames)
-    rate = fps if isinstance(fps, Fraction) else Fraction(_check_fps(fps)).limit_denominator(1001)
+    rate = fps if isinstance(fps, Fraction) else Fraction(check_fps(fps)).limit_denominator(1001)
     if rate <= 0: raise UserError(f"fps must be a finite number above 0 (frames per second), got {fps!r}")
     audio = _load_audio(audio_from, audio_start, len(frames) / float(rate)) if audio_from is not None else None
     ph, pw = h + h % 2, w + w % 2

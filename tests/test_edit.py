@@ -111,7 +111,7 @@ def test_no_face_refused_without_output(tmp_path, capsys, monkeypatch):
     (['--tiny', '--side-by-side', 'taken.mp4'], 'taken.mp4 already exists'),
     (['--tiny', '--identity-model', 'runs/e1'], 'with --tiny, --identity-model is a folder written by `ipfacediff finetune --tiny`'),
     (['--tiny', '--model', 'stabilityai/x'], '--tiny uses tiny random models: drop --model'),
-    (['--tiny', '--max-frames', '0'], '--max-frames must be at least 1'),
+    (['--tiny', '--max-frames', '0'], '--max-frames must be a whole number of at least 1'),
     (['--device', 'tpu'], "unknown device 'tpu'"),
 ])
 def test_outputs_and_options_checked_before_any_work(tmp_path, extra, msg, capsys, monkeypatch):

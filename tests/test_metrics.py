@@ -213,7 +213,7 @@ def test_evaluate_checks_settings_before_any_work(tmp_path, capsys, monkeypatch)
     base = {'--original': tmp_path / 'orig', '--edited': tmp_path / 'edited', '--out': tmp_path / 'rep'}
     cases = [({'--batch-size': 0}, '--batch-size must be a whole number of at least 1, got 0'),
              ({'--batch-size': -2}, 'got -2'),
-             ({'--fps': 0}, '--fps must be a number above 0'), ({'--fps': -5}, 'got -5.0'), ({'--fps': 'nan'}, 'got nan'),
+             ({'--fps': 0}, '--fps must be a finite number above 0'), ({'--fps': -5}, 'got -5.0'), ({'--fps': 'nan'}, 'got nan'),
              ({'--max-frames': 0}, '--max-frames must be a whole number of at least 1, got 0'),
              ({'--out': tmp_path / 'nodir' / 'rep'}, f"the folder {tmp_path / 'nodir'} does not exist: create it first"),
              ({'--out': tmp_path / 'orig' / 'clip.mp4', '--overwrite': None}, 'is a file: give a folder path'),
@@ -459,3 +459,16 @@ def test_the_embedding_cache_key_follows_the_face_detector(tmp_path, monkeypatch
     monkeypatch.setattr(faces, 'tracker_id', lambda: 'dlib 0.0, 0 B landmark model, tracking rules 3')   # the detector changed
     with pytest.raises(UserError, match='no face'): M.embed_media(img, emb, tmp_path / 'cache')
     assert len(searched) == 2 and len(list((tmp_path / 'cache').glob('*.npz'))) == 2
+
+
+def test_face_crops_does_not_take_a_bystander(frames):
+    "Without a reference, face_crops picks the face the tracker follows: where the subject is missed, a smaller bystander is not taken."
+    def two_faces(f, hide=False):
+        g = np.full((360, 1280, 3), 128, np.uint8); g[:, :640] = f
+        g[72:288, 760:1144] = cv2.resize(f, (384, 216), interpolation=cv2.INTER_AREA)
+        if hide: g[60:, 320:620] = cv2.GaussianBlur(g[60:, 320:620], (0, 0), 25)
+        return g
+    scene = np.stack([two_faces(frames[i], hide=i == 1) for i in range(4)])
+    crops, det, boxes = M.face_crops(scene)
+    assert det.tolist() == [True, False, True, True] and len(crops) == 3
+    assert (boxes[det, 2] < 640).all()                       # the subject's box wherever a face is taken
