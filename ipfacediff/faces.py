@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from .utils import UserError, cpu_workers
 
 # %% auto #0
-__all__ = ['MASK_REGIONS', 'dlib_model_path', 'tracker_id', 'detect_faces', 'face_landmarks', 'ffhq_quad', 'quad_corners',
-           'crop_matrix', 'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'save_track', 'load_track',
-           'crop_jitter', 'align_faces', 'face_mask', 'paste_back']
+__all__ = ['MAX_GAP', 'MASK_REGIONS', 'dlib_model_path', 'tracker_id', 'detect_faces', 'face_landmarks', 'ffhq_quad',
+           'quad_corners', 'crop_matrix', 'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'save_track',
+           'load_track', 'crop_jitter', 'align_faces', 'face_mask', 'paste_back']
 
 # %% ../nbs/03_faces.ipynb #3ee73d54
 def dlib_model_path(name: str = 'shape_predictor_68_face_landmarks.dat') -> Path:
@@ -36,6 +36,7 @@ def _dlib_models():
     except ImportError: raise UserError("dlib is missing: pip install dlib-bin") from None
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path()))
 
+MAX_GAP = 25          # frames without the followed face after which the track may start afresh (see `_follow`)
 _TRACKING_RULES = 3   # bump when `detect_faces`/`track_faces` choose differently (2: full-size retry, followed by position;
                       # 3: a lone face of the face's size is taken where nothing continues it, full-size retry per clip)
 
@@ -176,7 +177,7 @@ def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | N
                          unit='frame', disable=not progress, leave=False))
 
 def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int = 1024, upsample: int = 0,
-                workers: int | None = None, progress: bool = True, max_gap: int = 25) -> FaceTrack:
+                workers: int | None = None, progress: bool = True, max_gap: int = MAX_GAP) -> FaceTrack:
     """Detect, landmark and FFHQ-align one face through `frames` (uint8 `(N, H, W, 3)`), smoothing the crops over time.
     The face is followed by its position (or taken as the only face of its size in a frame); after more than `max_gap`
     frames without it, the largest face starts it afresh. Frames are searched reduced to `max_side`, and all again at

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from .utils import UserError, to_device
+from .utils import UserError, to_device, device_timestep
 
 # %% auto #0
 __all__ = ['DEFAULT_ATTN_LAYERS', 'DEFAULT_CONV_LAYERS', 'TAU_ATTN', 'TAU_CONV', 'resolve_attn_layers', 'resolve_conv_layers',
@@ -181,7 +181,7 @@ class AttentionControl:
         self.conv_modules = resolve_conv_layers(unet, conv_layers)
         self.token_names: list[str] = []  # layers whose input tokens are recorded (TokenFlow sets them)
         self.plan, self.calls, self.features = StepPlan(), Counter(), Features()
-        self._orig, self._handles, self._t = None, [], {}
+        self._orig, self._handles = None, []
         self._input: tuple[torch.dtype, torch.device] | None = None   # the UNet's (dtype, device), read on entry
 
     @property
@@ -278,16 +278,9 @@ class AttentionControl:
         plan.n_frames = latents.shape[0]
         z, c = self._batch(latents, cond, source)
         self.plan, self.calls, self.features = plan, Counter(), Features()
-        try: eps = self.unet(z, self.timestep(t, z.device), encoder_hidden_states=c).sample
+        try: eps = self.unet(z, device_timestep(t, z.device), encoder_hidden_states=c).sample
         finally: self.plan = StepPlan()
         return eps[plan.n_source:]
-
-    def timestep(self, t, device) -> torch.Tensor:
-        "t as a 0-d tensor on `device`, made once per value: from a Python int the UNet would copy it to the GPU (and wait for it) every forward."
-        if torch.is_tensor(t): return t
-        key = (int(t), str(device))
-        if key not in self._t: self._t[key] = torch.tensor(int(t), device=device)
-        return self._t[key]
 
     def record(self, latents, t, cond) -> tuple[torch.Tensor, Features]:
         "ε1's forward on the source latents z_t^src; returns (ε1, its Q, K, tokens and resnet features)."

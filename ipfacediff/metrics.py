@@ -33,7 +33,7 @@ def _crop(img, M, size):
 def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = False):
     """FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames with a face, the mask `(N,)` of those frames,
     and the chosen face boxes `(N, 4)` (x0, y0, x1, y1; NaN without a face)."""
-    from ipfacediff.faces import detect_all, face_landmarks, ffhq_quad, crop_matrix, _follow
+    from ipfacediff.faces import detect_all, face_landmarks, ffhq_quad, crop_matrix, _follow, MAX_GAP
     frames = np.asarray(frames)
     if frames.ndim == 3: frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -43,7 +43,7 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
     ref = None if reference_boxes is None else np.asarray(reference_boxes, np.float64)
     boxes, crops = np.full((n, 4), np.nan), []
     all_found = detect_all(frames, progress=progress)                   # on all CPUs
-    followed = _follow(all_found, 25)[0]                                # the face `track_faces` follows (its default gap)
+    followed = _follow(all_found, MAX_GAP)[0]                           # the face `track_faces` follows
     for i in tqdm(range(n), desc='faces', disable=not progress, leave=False):
         found = all_found[i]
         hint = ref[i] if ref is not None and i < len(ref) and np.isfinite(ref[i]).all() else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir
+from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir, device_timestep
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
@@ -230,11 +230,9 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     traj = {t: [] for t in ts}                                  # what the edit reads
     batches = frame_batches(len(z0), cfg.batch_size)
     bar = self._bar(range(len(batches) * cfg.inversion_steps), 'DDIM inversion (ε1)')
-    t_dev = {}                                                  # t as a device tensor, made once per step
     def eps1(z, t):
         self.calls['inversion'] += len(z); bar.update()
-        if t not in t_dev: t_dev[t] = torch.tensor(t, device=z.device)
-        return self.eps1(z.to(self.c.dtype), t_dev[t], encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
+        return self.eps1(z.to(self.c.dtype), device_timestep(t, z.device), encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
     for b in batches:                                           # two copies to the CPU per batch, not one per kept step
         zt = ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar)
         traj[ts[0]].append(zt[ts[0]].cpu())                     # z_T: float32
@@ -543,13 +541,13 @@ def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module
         except Exception as e: raise UserError(f"{what} {spec} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         names.append(name)
     if m is None: raise UserError('neither branch is a LoRA adapter')
-    if not all(rows_routable(l) for l in lora_layers(m.base_model.model)):
+    unet = move(m.base_model.model, dev, dt).eval().requires_grad_(False)
+    try: return unet, AdapterRows(unet, *names)                 # refuses before it changes anything
+    except ValueError:
         m.unload()                                              # `base` without the adapters again
         warnings.warn('the LoRA adapters use DoRA or another variant that cannot be added row by row: '
                       'ε1 and ε2 run as two UNets (two forwards per batch of frames)')
         return None
-    unet = move(m.base_model.model, dev, dt).eval().requires_grad_(False)
-    return unet, AdapterRows(unet, *names)
 
 # %% ../nbs/09_pipeline.ipynb #f9b25ad8
 def optimize(self: IPFaceDiffPipeline, channels_last: bool = True, compile: bool | str = False, dynamic: bool | None = None) -> IPFaceDiffPipeline:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/00a_utils.ipynb #99ea2755
 from __future__ import annotations
-import contextlib, importlib.util, os, shutil, tempfile, random
+import contextlib, functools, importlib.util, os, shutil, tempfile, random
 from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
 __all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
            'check_report_folder', 'cpu_workers', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
-           'to_device']
+           'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -170,3 +170,10 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type == 'cuda' and t.device.type == 'cpu': return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+@functools.lru_cache(maxsize=None)
+def _timestep_on(t: int, device: str) -> torch.Tensor: return torch.tensor(t, device=device)
+
+def device_timestep(t, device) -> torch.Tensor:
+    "t as a 0-d tensor on `device`, made once per value: from a Python int the UNet would copy it to the GPU (and wait for it) every forward."
+    return t if torch.is_tensor(t) else _timestep_on(int(t), str(torch.device(device)))

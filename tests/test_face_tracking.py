@@ -16,12 +16,7 @@ def frames():
     return read_video(data_path('sample.mp4'), progress=False)[0]
 
 
-def two_faces(f, hide=False):
-    "`f` on the left of a grey 1280×360 frame (face ~260 px), a 0.6× copy on the right (~155 px); `hide`: big face blurred."
-    g = np.full((360, 1280, 3), 128, np.uint8); g[:, :640] = f
-    g[72:288, 760:1144] = cv2.resize(f, (384, 216), interpolation=cv2.INTER_AREA)
-    if hide: g[60:, 320:620] = cv2.GaussianBlur(g[60:, 320:620], (0, 0), 25)
-    return g
+from shared import two_faces
 
 
 def small_face(f, k, H=1440, W=2560, at=(500, 900)):

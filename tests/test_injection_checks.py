@@ -26,9 +26,7 @@ def nets():
                 z_src=torch.randn(4, 4, 16, 16, generator=g), z=torch.randn(4, 4, 16, 16, generator=g))
 
 
-def one_line_user_error(f, msg):
-    with pytest.raises(UserError) as e: f()
-    assert msg in str(e.value) and '\n' not in str(e.value), str(e.value)
+from shared import one_line_error
 
 
 # ---------------------------------------------------------------- 1. source rows = frames
@@ -38,12 +36,12 @@ def test_injection_refuses_features_of_other_frames(nets):
     with AttentionControl(nets['eps1']) as src, AttentionControl(nets['eps2']) as edit:
         _, f4 = src.record(nets['z_src'], T, nets['c_src'])
         for a, c in ((True, True), (True, False), (False, True)):
-            one_line_user_error(lambda: edit.inject(z2, T, nets['c_cfg'], source=f4, attn=a, conv=c), 'source features have 4 rows for 2 frames')
-        one_line_user_error(lambda: edit.inject(z2, T, nets['c_cfg'], source=f4.select([0])), 'source features have 1 rows for 2 frames')
+            one_line_error(lambda: edit.inject(z2, T, nets['c_cfg'], source=f4, attn=a, conv=c), 'source features have 4 rows for 2 frames')
+        one_line_error(lambda: edit.inject(z2, T, nets['c_cfg'], source=f4.select([0])), 'source features have 1 rows for 2 frames')
         assert edit.inject(z2, T, nets['c_cfg'], source=f4.select([0, 1])).shape == (4, 4, 16, 16)
     with AttentionControl(nets['eps1']) as ctl:
         for a, c in ((True, True), (False, True)):
-            one_line_user_error(lambda: ctl.inject(z2, T, nets['c_cfg'], source=BatchedSource(nets['z_src'], nets['c_src']), attn=a, conv=c),
+            one_line_error(lambda: ctl.inject(z2, T, nets['c_cfg'], source=BatchedSource(nets['z_src'], nets['c_src']), attn=a, conv=c),
                                 'source features have 4 rows for 2 frames')
 
 
@@ -52,13 +50,13 @@ def test_tokenflow_refuses_tokens_of_other_frames(nets):
     kf, ze = torch.tensor([0, 2]), nets['z']
     with TokenFlowControl(nets['eps1']) as src, TokenFlowControl(nets['eps2']) as edit:
         _, f4 = src.record(nets['z_src'], T, nets['c_src'])
-        one_line_user_error(lambda: edit.edit_keyframes(ze[kf], T, nets['c_cfg'], kf, source=f4, attn=False, conv=False),
+        one_line_error(lambda: edit.edit_keyframes(ze[kf], T, nets['c_cfg'], kf, source=f4, attn=False, conv=False),
                             'source features have 4 rows for 2 frames')
         _, keys = edit.edit_keyframes(ze[kf], T, nets['c_cfg'], kf, source=f4.select(kf), attn=False, conv=False)
-        one_line_user_error(lambda: edit.propagate(ze[:3], T, nets['c_cfg'], [0, 1, 2], source=f4, keyframes=keys, attn=False, conv=False),
+        one_line_error(lambda: edit.propagate(ze[:3], T, nets['c_cfg'], [0, 1, 2], source=f4, keyframes=keys, attn=False, conv=False),
                             'source features have 4 rows for 3 frames')
     with TokenFlowControl(nets['eps1']) as ctl:
-        one_line_user_error(lambda: ctl.edit_keyframes(ze[kf], T, nets['c_cfg'], kf, source=BatchedSource(nets['z_src'], nets['c_src']),
+        one_line_error(lambda: ctl.edit_keyframes(ze[kf], T, nets['c_cfg'], kf, source=BatchedSource(nets['z_src'], nets['c_src']),
                                                        attn=False, conv=False), 'source features have 4 rows for 2 frames')
 
 

@@ -463,11 +463,7 @@ def test_the_embedding_cache_key_follows_the_face_detector(tmp_path, monkeypatch
 
 def test_face_crops_does_not_take_a_bystander(frames):
     "Without a reference, face_crops picks the face the tracker follows: where the subject is missed, a smaller bystander is not taken."
-    def two_faces(f, hide=False):
-        g = np.full((360, 1280, 3), 128, np.uint8); g[:, :640] = f
-        g[72:288, 760:1144] = cv2.resize(f, (384, 216), interpolation=cv2.INTER_AREA)
-        if hide: g[60:, 320:620] = cv2.GaussianBlur(g[60:, 320:620], (0, 0), 25)
-        return g
+    from shared import two_faces
     scene = np.stack([two_faces(frames[i], hide=i == 1) for i in range(4)])
     crops, det, boxes = M.face_crops(scene)
     assert det.tolist() == [True, False, True, True] and len(crops) == 3

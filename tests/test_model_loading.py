@@ -26,12 +26,7 @@ def inputs(tc):
     return z, encode_prompt(tc, ['add a beard', 'a face'])
 
 
-def one_line_error(f, *parts):
-    "Call `f`; it must raise a one-line `UserError` containing every string in `parts`; return the message."
-    with pytest.raises(UserError) as e: f()
-    msg = str(e.value)
-    assert '\n' not in msg and all(p in msg for p in parts), msg
-    return msg
+from shared import one_line_error
 
 
 def variant(tc, **cfg):
