@@ -61,15 +61,18 @@ def alphas_cumprod_sd() -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_invert(z0: torch.Tensor, eps_fn, num_steps: int = 50, alphas_cumprod: torch.Tensor | None = None,
-                progress: bool = False, stop_at: int | None = None) -> dict[int, torch.Tensor]:
-    "DDIM inversion z0 → z_T with `eps_fn(z, t)`; returns {t: z_t} for every DDIM timestep t (up to `stop_at`)."
+                progress: bool = False, stop_at: int | None = None, keep=None) -> dict[int, torch.Tensor]:
+    """DDIM inversion z0 → z_T with `eps_fn(z, t)`; returns {t: z_t} for every DDIM timestep t (up to `stop_at`),
+    or only for the timesteps in `keep` — the others are not held, so memory does not grow with `num_steps`."""
     abar = _abar(alphas_cumprod)
     ts = ddim_timesteps(num_steps, len(abar))[::-1]  # ascending: 1, 21, …, 981
     if stop_at is not None and stop_at not in ts: raise ValueError(f"t={stop_at} is not on the {num_steps}-step DDIM grid")
+    if keep is not None and not set(keep) <= set(ts): raise ValueError(f"keep={sorted(set(keep) - set(ts))} is not on the {num_steps}-step DDIM grid")
     traj, z, a_prev = {}, z0, abar[0]                # start level ᾱ_0, as DDIMInverseScheduler
     for t in tqdm(ts, desc='DDIM inversion', disable=not progress, leave=False):
         z = ddim_step(z, eps_fn(z, t), a_prev, abar[t])  # ε(z_{t′}, t): the timestep of the level reached
-        traj[t], a_prev = z, abar[t]
+        if keep is None or t in keep: traj[t] = z
+        a_prev = abar[t]
         if t == stop_at: break
     return traj
 

@@ -4,14 +4,14 @@
 
 # %% ../nbs/03a_embedders.ipynb #85c7a3f8
 from __future__ import annotations
-import importlib.util, os, re, subprocess, sys, tarfile, tempfile, warnings
+import hashlib, importlib.util, os, re, subprocess, sys, tarfile, tempfile, warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .utils import UserError, data_dir
+from .utils import UserError, data_dir, rgb_image, weights_fingerprint
 
 # %% auto #0
 __all__ = ['FFHQ_SIZE', 'DLIB_DAT', 'FR_IMAGES', 'DLIB_MEAN', 'DLIB_PLAN', 'DLIB_CHIP', 'FFHQ_FACE_BOX', 'ARCFACE_TEMPLATE',
@@ -60,6 +60,9 @@ def check_faces(images) -> torch.Tensor:
         raise UserError(f"face embedders take square FFHQ-aligned RGB crops (B, 3, H, H), got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise UserError(f"face embedders take float images in [0, 1], got {images.dtype}: divide uint8 frames by 255")
+    hi = float(images.detach().amax()) if images.numel() else 0.0
+    if hi > 5:     # far past a decoder's overshoot (an untrained tiny VAE reaches ~2): 0..255 pixels
+        raise UserError(f"face embedders take images in [0, 1], got values up to {hi:.4g}: divide 0..255 frames by 255")
     return images
 
 class FaceEmbedder(nn.Module):
@@ -82,6 +85,16 @@ class FaceEmbedder(nn.Module):
         self.eval()
         for p in self.parameters(): p.requires_grad_(False)
         return self
+
+    def fingerprint(self) -> str:
+        "What decides this recogniser's vectors — class, name, crop, input scaling, weights and buffers — hashed once (the embedder is frozen): the key of cached embeddings."
+        if getattr(self, '_fingerprint', None) is None:
+            h = hashlib.sha256(repr((type(self).__name__, self.name, self.dim, getattr(self, 'crop', None), getattr(self, 'bgr', None),
+                                     getattr(self, 'num_jitters', None), getattr(self, 'detect', None))).encode())
+            h.update(weights_fingerprint(self).encode())
+            h.update(getattr(self, 'file_digest', '').encode())   # a model that lives outside torch (ONNX): its file's bytes
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def extra_repr(self): return f"name={self.name!r}, dim={self.dim}, differentiable={self.differentiable}"
 
@@ -179,7 +192,7 @@ def demo_faces(fetch: bool = True, video_frames: int = 3, size: int = 512) -> li
     import matplotlib.cbook, PIL.Image
     from skimage import data as skdata
     def load(f):
-        with PIL.Image.open(f) as im: return np.array(im.convert('RGB'))
+        with PIL.Image.open(f) as im: return np.array(rgb_image(im))
     with matplotlib.cbook.get_sample_data('grace_hopper.jpg') as fh: hopper = load(fh)
     stills = [('astronaut', 'collins', skdata.astronaut()), ('grace_hopper', 'hopper', hopper)]
     if fetch:
@@ -387,8 +400,13 @@ class ArcFaceEmbedder(FaceEmbedder):
                 raise UserError("ArcFace weights are not shipped: pass weights=PATH to an arcface_torch backbone .pth (e.g. ms1mv3_arcface_r100_fp16/backbone.pth)")
             p = Path(weights)
             if not p.is_file(): raise UserError(f"ArcFace weights {p} not found: pass weights=PATH to an arcface_torch backbone .pth")
-            sd = torch.load(p, map_location='cpu', weights_only=True)
+            try: sd = torch.load(p, map_location='cpu', weights_only=True)
+            except Exception as e:
+                raise UserError(f"{p} is not a state dict torch can read safely ({type(e).__name__}): pass an arcface_torch backbone "
+                                f".pth (a saved state_dict, not a pickled model)") from None
             sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise UserError(f"{p} holds no state dict of tensors: pass an arcface_torch backbone .pth")
             sd = {k.removeprefix('module.'): v for k, v in sd.items()}
             model = _iresnet_from_state_dict(sd, arch)
             try: model.load_state_dict(sd)
@@ -408,7 +426,17 @@ def _onnx_session(path):
         raise UserError(f"ONNX model {p} not found: pass weights=PATH to a recognition .onnx (e.g. insightface's buffalo_l/w600k_r50.onnx)")
     import onnxruntime as ort
     opts = ort.SessionOptions(); opts.intra_op_num_threads = int(os.environ.get('OMP_NUM_THREADS', 0) or 0)
-    return ort.InferenceSession(str(p), opts, providers=['CPUExecutionProvider'])
+    try: return ort.InferenceSession(str(p), opts, providers=['CPUExecutionProvider'])
+    except Exception as e:
+        raise UserError(f"{p} is not a usable ONNX model ({type(e).__name__}: {str(e).strip().splitlines()[0][:100]}): "
+                        f"pass weights=PATH to a face recognition .onnx (e.g. insightface's buffalo_l/w600k_r50.onnx)") from None
+
+def _file_digest(path) -> str:
+    "SHA-256 of a file's bytes (a model file that torch does not hold)."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while b := f.read(1 << 20): h.update(b)
+    return h.hexdigest()
 
 class OnnxEmbedder(FaceEmbedder):
     "A face recogniser in ONNX (insightface's by default: 112² ArcFace crop, (x−127.5)/127.5, RGB); no gradients."
@@ -416,12 +444,16 @@ class OnnxEmbedder(FaceEmbedder):
     def __init__(self, weights=None, crop: AlignedCrop = ARCFACE_CROP, mean=127.5, std=127.5, bgr: bool = False, name: str | None = None):
         super().__init__()
         self.session, self.crop, self.bgr = _onnx_session(weights), crop, bgr
+        self.file_digest = _file_digest(weights)
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).reshape(-1)[:, None, None].expand(3, 1, 1).clone())
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).reshape(-1)[:, None, None].expand(3, 1, 1).clone())
         if name: self.name = name
         inp = self.session.get_inputs()[0]
         self._input, self._batch1 = inp.name, inp.shape[0] == 1
-        self.dim = int(self._run(np.zeros((1, 3, crop.size, crop.size), np.float32)).shape[1])
+        try: self.dim = int(self._run(np.zeros((1, 3, crop.size, crop.size), np.float32)).shape[1])
+        except Exception as e:
+            raise UserError(f"the ONNX model {weights} does not take a (1, 3, {crop.size}, {crop.size}) face ({type(e).__name__}): "
+                            f"pass a face recognition model with that input, or the crop it needs") from None
     def _run(self, x: np.ndarray) -> np.ndarray:
         if self._batch1 and len(x) > 1: return np.concatenate([self._run(x[i:i + 1]) for i in range(len(x))])
         return self.session.run(None, {self._input: x})[0].reshape(len(x), -1)
@@ -464,7 +496,11 @@ class TorchScriptEmbedder(FaceEmbedder):
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32)[:, None, None])
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32)[:, None, None])
         self.freeze()
-        with torch.no_grad(): self.dim = int(self.embed(torch.zeros(1, 3, 64, 64)).shape[1])
+        try:
+            with torch.no_grad(): self.dim = int(self.embed(torch.zeros(1, 3, 64, 64)).shape[1])
+        except Exception as e:
+            raise UserError(f"the TorchScript model {weights} does not take a (1, 3, {crop.size}, {crop.size}) face ({type(e).__name__}): "
+                            f"pass a face recognition model with that input, or the crop it needs") from None
     def embed(self, images):
         x = self.crop(images) * 255
         if self.bgr: x = x.flip(1)

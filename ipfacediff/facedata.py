@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from .utils import UserError, atomic_output, data_path, resolve_device, resolve_dtype, _check_target
+from .utils import UserError, atomic_output, data_path, resolve_device, resolve_dtype, rgb_image, _check_target
 from .faces import track_faces, align_faces, detect_faces
 
 # %% auto #0
@@ -54,7 +54,7 @@ def write_captions(captions: dict[str, str], path, overwrite: bool = False) -> P
 def load_image(path, size: int | None = None) -> torch.Tensor:
     "An RGB image as a float tensor (3, H, W) in [0, 1]; centre-cropped to a square and resized when `size` is given."
     with Image.open(path) as im:
-        im = im.convert('RGB')
+        im = rgb_image(im)
         if size is not None:
             w, h = im.size; s = min(w, h)
             if w != h: im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -92,7 +92,7 @@ def caption_images(folder, model: str = DEFAULT_BLIP2, out=None, device='auto', 
         names, ims = [], []
         for r in rel[i:i + batch_size]:
             try:
-                with Image.open(folder / r) as im: ims.append(im.convert('RGB')); names.append(r)
+                with Image.open(folder / r) as im: ims.append(rgb_image(im)); names.append(r)
             except (OSError, UnidentifiedImageError): bad.append(r)
         if not ims: continue
         kw = dict(images=ims, return_tensors='pt')
@@ -100,6 +100,9 @@ def caption_images(folder, model: str = DEFAULT_BLIP2, out=None, device='auto', 
         inputs = proc(**kw).to(dev)
         inputs['pixel_values'] = inputs['pixel_values'].to(dt)
         ids = net.generate(**inputs, max_new_tokens=max_new_tokens)
+        given = inputs.get('input_ids')
+        if given is not None and ids.shape[1] >= given.shape[1] and torch.equal(ids[:, :given.shape[1]], given.to(ids.device)):
+            ids = ids[:, given.shape[1]:]                     # a decoder-only LM (OPT) hands back the prompt before the caption
         for n, c in zip(names, proc.batch_decode(ids, skip_special_tokens=True)): caps[n] = ' '.join(c.split()) or 'a photo of a face'
     if bad: warnings.warn(f"caption_images: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
     if out is not None: write_captions(caps, out, overwrite)
@@ -194,7 +197,10 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self): return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        for k in range(len(self.paths)):
+        n = len(self.paths)
+        if not -n <= i < n: raise IndexError(f"index {i} out of range for {n} images")   # ends `for x in ds`
+        i %= n
+        for k in range(n):
             j = (i + k) % len(self.paths)
             r = self.paths[j]
             if r in self.skipped: continue

@@ -169,12 +169,17 @@ def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return out.reshape(values.shape)
 
 def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | None = None, progress: bool = True) -> list[np.ndarray]:
-    "`detect_faces` on every frame, on `workers` threads (default: all CPUs); the boxes per frame, in order."
-    det = functools.partial(detect_faces, max_side=max_side, upsample=upsample)
+    """`detect_faces` on every frame, on `workers` threads (default: all CPUs); the boxes per frame, in order. Frames are
+    searched reduced to `max_side`, and all again at full size when none shows a face (faces too small for the reduced copies)."""
     _dlib_models()                      # load once here, not in every thread that finds the cache empty
-    with ThreadPoolExecutor(cpu_workers(workers)) as ex:
-        return list(tqdm(ex.map(lambda f: det(np.asarray(f)), frames), total=len(frames), desc='detecting the face',
-                         unit='frame', disable=not progress, leave=False))
+    def run(side):
+        det = functools.partial(detect_faces, max_side=side, upsample=upsample)
+        with ThreadPoolExecutor(cpu_workers(workers)) as ex:
+            return list(tqdm(ex.map(lambda f: det(np.asarray(f)), frames), total=len(frames), desc='detecting the face',
+                             unit='frame', disable=not progress, leave=False))
+    found = run(max_side)
+    full = max((max(np.asarray(f).shape[:2]) for f in frames), default=0)
+    return run(full) if full > max_side and not any(len(f) for f in found) else found
 
 def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int = 1024, upsample: int = 0,
                 workers: int | None = None, progress: bool = True, max_gap: int = MAX_GAP) -> FaceTrack:
@@ -188,8 +193,6 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
     H, W = np.asarray(frames[0]).shape[:2]
     lms, boxes = np.zeros((n, 68, 2)), np.zeros((n, 4))
     all_found = detect_all(frames, max_side, upsample, workers, progress)
-    if max(H, W) > max_side and not any(len(f) for f in all_found):   # faces too small for the reduced copies
-        all_found = detect_all(frames, max(H, W), upsample, workers, progress)
     n_faces = np.array([len(f) for f in all_found], int)
     chosen, restarts = _follow(all_found, max_gap)
     detected = np.array([j is not None for j in chosen], bool)

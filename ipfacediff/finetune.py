@@ -156,7 +156,11 @@ def get_f_arc(spec: str = 'dlib', device='cpu'):
     if importlib.util.find_spec('ipfacediff.embedders') is None:
         raise UserError("identity fine-tuning needs ipfacediff.embedders (the face embedders), which is not in this build: update ipfacediff")
     from ipfacediff.embedders import get_embedder
-    return get_embedder(spec).to(device).eval().requires_grad_(False)
+    e = get_embedder(spec)
+    if not getattr(e, 'differentiable', True):       # checked now, not at the first step
+        raise UserError(f"the {e.name} embedder passes no gradient, so eq. 5's D_cos would not train ε1: "
+                        f"use --embedder dlib, arcface=PATH or a TorchScript recogniser")
+    return e.to(device).eval().requires_grad_(False)
 
 _PEFT_PREFIX = 'base_model.model.'
 

@@ -30,7 +30,11 @@ def identity_loss(y_hat: torch.Tensor, y0: torch.Tensor, f_arc: Callable[[torch.
     if y_hat.shape != y0.shape: raise ValueError(f"ŷ {tuple(y_hat.shape)} and y0 {tuple(y0.shape)} differ in shape")
     l1 = (y_hat - y0).abs().mean()
     with torch.no_grad(): e0 = f_arc(y0)
-    dcos = cosine_distance(f_arc(y_hat), e0).mean()
+    e = f_arc(y_hat)
+    if torch.is_grad_enabled() and y_hat.requires_grad and not e.requires_grad:
+        raise UserError(f"the identity embedder {getattr(f_arc, 'name', type(f_arc).__name__)!r} passes no gradient to ŷ, so D_cos of eq. 5 "
+                        f"would not train ε1: use a differentiable one (dlib, arcface=PATH or a TorchScript recogniser)")
+    dcos = cosine_distance(e, e0).mean()
     loss = l1 + dcos
     return (loss, {'l1': l1.detach(), 'dcos': dcos.detach()}) if return_parts else loss
 
@@ -122,6 +126,9 @@ def load_clip(spec: str = DEFAULT_CLIP, device='cpu', dtype=torch.float32):
     except (OSError, ValueError) as e:
         raise UserError(f"could not load CLIP {spec!r} ({type(e).__name__}): pass --clip with a local folder of a transformers "
                         f"CLIPModel (download once with `hf download {DEFAULT_CLIP} --local-dir DIR` where there is internet)") from None
+    if len(tok) < model.config.text_config.vocab_size // 2:   # e.g. a folder without vocab.json/merges.txt: every prompt the same ids
+        raise UserError(f"CLIP {spec!r} has a tokenizer of {len(tok)} tokens for a text model of {model.config.text_config.vocab_size}: "
+                        f"the folder lacks the tokenizer files (vocab.json, merges.txt); save the tokenizer there too")
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     try:
         from transformers import AutoImageProcessor

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_dir, usable_cache_dir, check_report_folder
+from .utils import UserError, atomic_dir, usable_cache_dir, check_report_folder, rgb_image, weights_fingerprint
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
            'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics', 'raft_available',
            'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id', 'clip_direction_score',
            'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
-           'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
+           'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate',
+           'check_folder', 'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -384,7 +385,7 @@ def load_media(path, fps: float | None = None, max_frames: int | None = None, re
     path = Path(path)
     def img(p):
         try:
-            with Image.open(p) as im: return np.asarray(im.convert('RGB'))
+            with Image.open(p) as im: return np.asarray(rgb_image(im))
         except Exception as e: raise UserError(f"cannot read the image {p} ({type(e).__name__}): is it damaged?") from None
     if path.is_dir():
         files = sorted(q for q in path.iterdir() if _is_image(q))[:max_frames]
@@ -437,7 +438,15 @@ def embed_frames(frames, embedders: dict, size: int = 512, batch_size: int = 16,
         out[k] = FaceEmbeddings(full, det, boxes)
     return out
 
-_CACHE_VERSION = 2   # 2: the face detector's rules (`faces.tracker_id()`) are part of the key
+_CACHE_VERSION = 3   # 2: the face detector's rules (`faces.tracker_id()`) are part of the key; 3: recognizers by fingerprint,
+                     # faces searched at full size when the reduced frames show none
+
+def embedder_fingerprint(embedder) -> str:
+    "What stands for a recognizer in a cache key: `fingerprint()` of an `ipfacediff.embedders` one (class, crop, weights …); a module's class and weights; else its name."
+    fp = getattr(embedder, 'fingerprint', None)
+    if callable(fp): return str(fp())
+    if isinstance(embedder, torch.nn.Module): return f'{type(embedder).__name__}:{weights_fingerprint(embedder)}'
+    return embedder_name(embedder)
 
 def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
     from ipfacediff import faces
@@ -461,8 +470,8 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
     if cache_dir is not None:
         cache_dir = usable_cache_dir(cache_dir)
         digest = digest or content_hash(path)
-        for k in embedders:
-            keys[k] = cache_dir / f'{_cache_key(digest, k, settings)}.npz'
+        for k, e in embedders.items():                         # keyed by what the recognizer is, not what it is called
+            keys[k] = cache_dir / f'{_cache_key(digest, embedder_fingerprint(e), settings)}.npz'
             if keys[k].exists():
                 try:
                     with np.load(keys[k]) as z:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #671c1991
 from __future__ import annotations
-import contextlib, copy, json, os, warnings
+import contextlib, copy, json, os, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -15,7 +15,7 @@ from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
            'tiny_components', 'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components',
-           'save_components', 'load_branch']
+           'save_components', 'local_branch', 'load_branch']
 
 # %% ../nbs/01_models.ipynb #7195f596
 DEFAULT_MODEL = 'stabilityai/stable-diffusion-2-1-base'
@@ -305,9 +305,31 @@ def _unet_source(p: Path, spec, name):
     raise UserError(f"could not load {name} {spec} ({type(first).__name__}): pass a UNet folder (config.json + weights), "
                     f"a LoRA adapter folder, or a cached hub id")
 
+_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
+
+def local_branch(spec):
+    """What `spec` stands for on disk: a hub id of a LoRA — a peft adapter (`adapter_config.json`) or diffusers'
+    `pytorch_lora_weights.*` at the repo's root — becomes the path of its copy in the hub cache (fetched where there is
+    internet, the cached copy offline); anything else is returned as given."""
+    s = str(spec) if spec is not None else ''
+    if not _HUB_ID.fullmatch(s) or Path(s).expanduser().exists(): return spec
+    from huggingface_hub import hf_hub_download, snapshot_download
+    for fname in ('adapter_config.json',) + _LORA_NAMES:
+        try:
+            with _hub_quiet(): f = Path(hf_hub_download(s, fname))
+        except Exception: continue            # not there, not cached, no such repo: not this kind of LoRA
+        if fname != 'adapter_config.json': return f
+        try:
+            with _hub_quiet(): return Path(snapshot_download(s, allow_patterns=['adapter_config.json', 'adapter_model.*']))
+        except Exception as e:
+            raise UserError(f"the LoRA adapter {s} has an adapter_config.json but its weights could not be fetched ({type(e).__name__}): "
+                            f"download it once with `hf download {s} --local-dir DIR` and pass DIR") from None
+    return spec
+
 def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2DConditionModel:
-    "ε1 / ε2 from `spec`: None → `base`; a UNet folder or hub id; or a LoRA (peft folder, diffusers/kohya file or folder) merged into a copy of `base`."
+    "ε1 / ε2 from `spec`: None → `base`; a UNet folder or hub id; or a LoRA (peft folder, diffusers/kohya file or folder, or a hub id of one) merged into a copy of `base`."
     if spec is None or str(spec) in ('', 'base'): return base
+    spec = local_branch(spec)
     p = Path(str(spec)).expanduser()
     dev, dt = base.device, base.dtype
     if p.is_dir() and (p / 'adapter_config.json').exists():

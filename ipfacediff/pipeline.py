@@ -10,22 +10,23 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir, device_timestep
+from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
+                              device_timestep, weights_fingerprint)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
-from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, tiny_components,
+from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
-from .video import read_video, write_video, write_side_by_side, check_fps, check_max_frames
+from .video import read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices
 from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer, content_hash
 
 # %% auto #0
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
-           'default_cache_dir', 'cache_key', 'weights_fingerprint', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
-           'decode_latents', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
-           'check_outputs', 'edit', 'edit_video', 'is_lora_dir', 'lora_layers', 'rows_routable', 'AdapterRows',
-           'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
+           'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
+           'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'check_outputs',
+           'edit', 'edit_video', 'is_lora_dir', 'lora_layers', 'rows_routable', 'AdapterRows', 'load_adapter_pair',
+           'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -73,6 +74,8 @@ class EditConfig:
         check_max_frames(self.max_frames, '--max-frames')
         if self.fps is not None: check_fps(self.fps, '--fps')
         if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")
         if self.keyframe_window is not None and self.keyframe_window < 1: raise UserError(f"--keyframe-window must be at least 1 (or 0 for all keyframes in one group; None in Python), got {self.keyframe_window}")
@@ -103,23 +106,9 @@ def cache_key(data: np.ndarray | bytes, **settings) -> str:
     return h.hexdigest()[:32]
 
 TRACK_CACHE_VERSION = 1     # bump when `track_faces` changes what it returns
-INVERSION_CACHE_VERSION = 4 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`;
-                            # 3: float32, editing timesteps only; 4: z_T float32, the rest in the networks' dtype)
-
-# %% ../nbs/09_pipeline.ipynb #840eaa64
-@torch.no_grad()
-def weights_fingerprint(*modules, skip=None) -> str:
-    "A short hash of the modules' weights (names, shapes, sums), leaving out names where `skip(name)`: changes whenever a weight does."
-    names, sums = [], []
-    for m in modules:
-        for n, t in m.state_dict().items():
-            if skip is not None and skip(n): continue
-            names.append(f"{n.replace('.base_layer.', '.')}{tuple(t.shape)}")   # a LoRA-wrapped layer keeps its base weights under base_layer
-            sums.append(torch.stack([t.double().sum(), t.double().abs().sum()]))
-    sums = torch.stack([v.to(sums[0].device) for v in sums]).cpu().numpy() if sums else []
-    h = hashlib.sha256()
-    for n, v in zip(names, sums): h.update(n.encode()); h.update(v.tobytes())
-    return h.hexdigest()[:16]
+INVERSION_CACHE_VERSION = 5 # bump when the inversion changes (2: ε asked at the level reached, as `ddim_invert`;
+                            # 3: float32, editing timesteps only; 4: z_T float32, the rest in the networks' dtype;
+                            # 5: keyed by the weights of ε1, the VAE and the text encoder alone, not by names)
 
 # %% ../nbs/09_pipeline.ipynb #20ef5fb4
 @dataclass
@@ -168,15 +157,15 @@ class IPFaceDiffPipeline:
     @classmethod
     def from_components(cls, comps: SDComponents, identity_model=None, edit_model=None, batch_adapters: bool = True, **kw):
         "ε1/ε2 built on the base UNet of `comps` (see `from_pretrained`)."
-        specs = (identity_model, edit_model)
+        specs = tuple(local_branch(s) for s in (identity_model, edit_model))   # a LoRA's hub id: its cached folder
         pair = None
         if batch_adapters and any(is_lora_dir(s) for s in specs) and all(is_lora_dir(s) or s in (None, '', 'base') for s in specs):
             pair = load_adapter_pair(comps.unet, *specs)
         if pair is not None:
             p = cls(comps, pair[0], pair[0], **kw); p.adapters = pair[1]
         else:
-            p = cls(comps, load_branch(identity_model, comps.unet, 'identity model (ε1)'),
-                    load_branch(edit_model, comps.unet, 'edit model (ε2)'), **kw)
+            p = cls(comps, load_branch(specs[0], comps.unet, 'identity model (ε1)'),
+                    load_branch(specs[1], comps.unet, 'edit model (ε2)'), **kw)
         p.branch_ids = {'eps1': str(identity_model or 'base'), 'eps2': str(edit_model or 'base')}
         return p
 
@@ -234,7 +223,7 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
         self.calls['inversion'] += len(z); bar.update()
         return self.eps1(z.to(self.c.dtype), device_timestep(t, z.device), encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
     for b in batches:                                           # two copies to the CPU per batch, not one per kept step
-        zt = ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar)
+        zt = ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar, keep=set(ts))
         traj[ts[0]].append(zt[ts[0]].cpu())                     # z_T: float32
         if len(ts) > 1:
             rest = torch.stack([zt[t] for t in ts[1:]]).to(self.c.dtype).cpu()
@@ -424,20 +413,25 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
             frames, info = read_video(video, fps=cfg.fps, max_frames=cfg.max_frames, progress=self.progress)
             fps, audio, start = info.fps, (video if info.has_audio else None), info.start
         else:
-            frames = np.asarray(video)[:cfg.max_frames]
-            if frames.ndim != 4 or frames.dtype != np.uint8: raise UserError("frames must be uint8 (N, H, W, 3)")
-            if not fps: raise UserError("pass the frame rate (fps=) with raw frames")
+            frames = np.asarray(video)
+            if frames.ndim != 4 or frames.dtype != np.uint8 or frames.shape[-1] != 3 or not len(frames):
+                raise UserError(f"frames must be uint8 RGB (N, H, W, 3) with N ≥ 1, got {frames.dtype} {frames.shape}")
+            if fps is None: raise UserError("pass the frame rate (fps=) with raw frames")
+            fps = check_fps(fps, 'fps')
+            if cfg.fps is not None and cfg.fps != fps:       # as `read_video` resamples a file
+                frames, fps = frames[resample_indices(len(frames), fps, cfg.fps)], float(cfg.fps)
+            frames = frames[:cfg.max_frames]
     with timer('track/align'):
         track, track_hit = self.face_track(frames, cfg, video if isinstance(video, (str, Path)) else None)
         crops = align_faces(frames, track, progress=self.progress)
     with timer('encode'): z0 = self.encode_crops(crops, cfg.batch_size)
     with timer('inversion'):                     # finding the cache entry is part of the inversion's cost
         if getattr(self, '_weights_key', None) is None:
-            # ε1 and the VAE decide the inversion; with both branches as LoRA adapters on one UNet, only ε1's adapter counts
+            # ε1, the VAE and the text encoder (the source prompt) decide the inversion; with both branches as LoRA adapters on one UNet, only ε1's adapter counts
             a = self.adapters
             skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
-            self._weights_key = weights_fingerprint(self.eps1, self.c.vae, skip=skip)
-        key = cache_key(crops, version=INVERSION_CACHE_VERSION, model=self.c.source, eps1=self.branch_ids['eps1'], weights=self._weights_key,
+            self._weights_key = weights_fingerprint(self.eps1, self.c.vae, self.c.text_encoder, skip=skip)
+        key = cache_key(crops, version=INVERSION_CACHE_VERSION, weights=self._weights_key,   # not names: `./e1` and `/abs/e1` are one ε1
                         steps=cfg.inversion_steps, kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size,
                         batch=cfg.batch_size)
         traj, hit = self.invert(z0, cfg, key)
@@ -638,8 +632,8 @@ def add_cli(sub):
     p.add_argument('--side-by-side', help='also write original | edited to this .mp4')
     p.add_argument('--overwrite', action='store_true', help='replace existing output files')
     p.add_argument('--model', default=DEFAULT_MODEL, help='SD 2.1 hub id or local folder (VAE, text encoder, base UNet)')
-    p.add_argument('--identity-model', help='ε1: UNet folder, LoRA (peft folder or diffusers file) or hub id (default: base UNet)')
-    p.add_argument('--edit-model', help='ε2: UNet folder, LoRA (peft folder or diffusers file) or hub id (default: base UNet)')
+    p.add_argument('--identity-model', help='ε1: UNet folder, LoRA (peft folder or diffusers file) or hub id (of a UNet, pipeline or LoRA; default: base UNet)')
+    p.add_argument('--edit-model', help='ε2: UNet folder, LoRA (peft folder or diffusers file) or hub id (of a UNet, pipeline or LoRA; default: base UNet)')
     p.add_argument('--source-prompt', default='a photo of a face', help='describes the input; conditions ε1 for the inversion and the source pass')
     p.add_argument('--negative-prompt', default=NEGATIVE_PROMPT, help='what the edit steers away from (the unconditional row of guidance)')
     p.add_argument('--steps', type=int, help='DDIM editing steps (default 50; 10 with --tiny)')

@@ -4,14 +4,14 @@
 
 # %% ../nbs/00a_utils.ipynb #99ea2755
 from __future__ import annotations
-import contextlib, functools, importlib.util, os, shutil, tempfile, random
+import contextlib, functools, hashlib, importlib.util, os, shutil, tempfile, random
 from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
 __all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
-           'check_report_folder', 'cpu_workers', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
-           'to_device', 'device_timestep']
+           'check_report_folder', 'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything',
+           'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -123,6 +123,16 @@ def cpu_workers(workers: int | None = None) -> int:
     try: return max(1, len(os.sched_getaffinity(0)))
     except AttributeError: return max(1, os.cpu_count() or 1)
 
+# %% ../nbs/00a_utils.ipynb #006cf707
+def rgb_image(im):
+    "An RGB Pillow image of `im`; 16-/32-bit greyscale (modes I;16…, I) scaled to 8 bits rather than clipped by `convert`."
+    from PIL import Image
+    if im.mode.startswith('I'):
+        a = np.asarray(im).astype(np.float64)
+        top = 65535 if im.mode.startswith('I;16') or a.max() > 255 else 255
+        im = Image.fromarray(np.clip(np.rint(a * (255 / top)), 0, 255).astype(np.uint8))
+    return im.convert('RGB')
+
 # %% ../nbs/00a_utils.ipynb #726c588c
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.float16, 'fp16': torch.float16,
            'half': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
@@ -163,6 +173,21 @@ def seeded(seed: int, device='cpu'):
         for i in cuda:
             with torch.cuda.device(i): torch.cuda.manual_seed(seed)
         yield
+
+# %% ../nbs/00a_utils.ipynb #757e9a46
+@torch.no_grad()
+def weights_fingerprint(*modules, skip=None) -> str:
+    "A short hash of the modules' weights (names, shapes, sums), leaving out names where `skip(name)`: changes whenever a weight does."
+    names, sums = [], []
+    for m in modules:
+        for n, t in m.state_dict().items():
+            if skip is not None and skip(n): continue
+            names.append(f"{n.replace('.base_layer.', '.')}{tuple(t.shape)}")   # a LoRA-wrapped layer keeps its base weights under base_layer
+            sums.append(torch.stack([t.double().sum(), t.double().abs().sum()]))
+    sums = torch.stack([v.to(sums[0].device) for v in sums]).cpu().numpy() if sums else []
+    h = hashlib.sha256()
+    for n, v in zip(names, sums): h.update(n.encode()); h.update(v.tobytes())
+    return h.hexdigest()[:16]
 
 # %% ../nbs/00a_utils.ipynb #3ca48327
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

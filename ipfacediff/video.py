@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .utils import UserError, atomic_output
 
 # %% auto #0
-__all__ = ['VideoInfo', 'display_rotation', 'upright', 'check_fps', 'check_max_frames', 'read_video', 'write_video',
-           'side_by_side', 'write_side_by_side']
+__all__ = ['VideoInfo', 'display_rotation', 'upright', 'check_fps', 'resample_indices', 'check_max_frames', 'read_video',
+           'write_video', 'side_by_side', 'write_side_by_side']
 
 # %% ../nbs/02_video.ipynb #63a21e64
 @dataclass
@@ -93,6 +93,13 @@ def check_fps(fps, what: str = 'fps') -> float:
     except (TypeError, ValueError): f = math.nan
     if not (math.isfinite(f) and f > 0): raise UserError(f"{what} must be a finite number above 0 (frames per second), got {fps!r}")
     return f
+
+def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
+    """Which of `n` frames at `src_fps` stand at the times k/`fps` — the nearest frame, ties to the earlier, while k/`fps` <
+    n/`src_fps` — as `read_video` picks them from a constant-rate file; for frames already in memory."""
+    src_fps, fps = check_fps(src_fps, 'the frames\' fps'), check_fps(fps)
+    k = np.arange(int(np.ceil(n * fps / src_fps - 1e-9)))
+    return np.minimum(np.ceil(k * src_fps / fps - 0.5 - 1e-9), n - 1).astype(int)
 
 def check_max_frames(n, what: str = 'max_frames') -> int | None:
     "`n` as an int ≥ 1, or None (all frames)."

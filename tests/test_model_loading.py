@@ -217,3 +217,52 @@ def test_kohya_lora_file_is_fused(tc, tmp_path, inputs):
     for spec in (tmp_path / 'k', tmp_path / 'k' / 'beard_v1.safetensors'):
         with torch.no_grad(): out = load_branch(spec, tc.unet)(z, 10, encoder_hidden_states=c).sample
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+# 5. a hub id of a LoRA
+
+def _lora_unet(tc, seed):
+    u = copy.deepcopy(tc.unet)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        u.add_adapter(LoraConfig(**LORA))
+    return u
+
+
+def test_branch_from_cached_lora_hub_ids(tc, tmp_path, monkeypatch, inputs):
+    "A hub id whose repo holds diffusers' pytorch_lora_weights or a peft adapter is that LoRA, fused like the local file or folder."
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    z, c = inputs
+    u = _lora_unet(tc, 1)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(tmp_path / 'dlora', unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(u)), unet_lora_adapter_metadata=u.peft_config['default'].to_dict())
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        p = get_peft_model(copy.deepcopy(tc.unet), LoraConfig(**LORA))
+    p.save_pretrained(tmp_path / 'plora')
+    fake_hub_cache(monkeypatch, tmp_path / 'cache', 'someone/diffusers-lora', tmp_path / 'dlora')
+    fake_hub_cache(monkeypatch, tmp_path / 'cache', 'someone/peft-lora', tmp_path / 'plora')
+    with torch.no_grad():
+        base = tc.unet(z, 10, encoder_hidden_states=c).sample
+        for hub_id, ref in (('someone/diffusers-lora', u), ('someone/peft-lora', p)):
+            out, want = (m(z, 10, encoder_hidden_states=c).sample for m in (load_branch(hub_id, tc.unet, 'ε2'), ref))
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+            assert (out - base).abs().max() > 1e-4, hub_id
+
+
+def test_pipeline_batches_lora_hub_ids(tc, tmp_path, monkeypatch):
+    "Two peft LoRAs given by hub id share one UNet's forwards as local adapter folders do; the cache key names the hub ids."
+    from peft import get_peft_model
+    from ipfacediff.pipeline import IPFaceDiffPipeline
+    for i, name in enumerate(('id-lora', 'edit-lora')):
+        with torch.random.fork_rng():
+            torch.manual_seed(i)
+            get_peft_model(copy.deepcopy(tc.unet), LoraConfig(**LORA)).save_pretrained(tmp_path / name)
+        fake_hub_cache(monkeypatch, tmp_path / 'cache', f'someone/{name}', tmp_path / name)
+    comps = tiny_components()
+    p = IPFaceDiffPipeline.from_components(comps, 'someone/id-lora', 'someone/edit-lora', cache_dir=tmp_path / 'c', progress=False)
+    assert p.adapters is not None and p.eps1 is p.eps2
+    assert p.branch_ids == {'eps1': 'someone/id-lora', 'eps2': 'someone/edit-lora'}
