@@ -46,6 +46,7 @@ ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
     Ablation('ft_eps2', 'base', 'finetuned', False, '(2) fine-tuned ε2 (L_dir), no identity injection'),
     Ablation('ft_eps1_inject', 'finetuned', 'base', True, '(3) identity injection from the fine-tuned ε1 (L_id), base ε2'),
     Ablation('full', 'finetuned', 'finetuned', True, '(4) IP-FaceDiff: fine-tuned ε1 injected into fine-tuned ε2'),
+    Ablation('full_no_inject', 'finetuned', 'finetuned', False, "(2′) as full, injection off: the fine-tuned ε1 only inverts"),
 )}
 
 def select_ablations(configs=None) -> list[Ablation]:
@@ -66,7 +67,8 @@ def select_ablations(configs=None) -> list[Ablation]:
 _EDIT_FLAGS = (('source_prompt', '--source-prompt'), ('negative_prompt', '--negative-prompt'), ('steps', '--steps'),
                ('inversion_steps', '--inversion-steps'), ('guidance', '--guidance'), ('attn_t', '--attn-t'), ('conv_t', '--conv-t'),
                ('batch_size', '--batch-size'), ('keyframe_window', '--keyframe-window'), ('size', '--size'), ('fps', '--fps'),
-               ('max_frames', '--max-frames'), ('seed', '--seed'))
+               ('max_frames', '--max-frames'), ('seed', '--seed'), ('mask', '--mask'), ('nn_from', '--nn-from'))
+_ALWAYS = ('size', 'steps', 'inversion_steps')   # their CLI defaults differ from `EditConfig`'s (--tiny; --inversion-steps = --steps)
 
 def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, identity_model=None, edit_model=None,
                  device=None, dtype=None, **settings) -> str:
@@ -85,7 +87,7 @@ def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, iden
         if not hasattr(d, k): continue             # a setting this version of the pipeline does not have
         v = settings.get(k, getattr(d, k))
         if k == 'keyframe_window' and v is None: v = 0
-        if k in ('size', 'steps') or v != getattr(d, k): cmd += [flag, str(v)]
+        if k in _ALWAYS or v != getattr(d, k): cmd += [flag, str(v)]
     if not a.injection: cmd.append('--no-identity-injection')
     if not settings.get('propagation', True): cmd.append('--no-propagation')
     return shlex.join(cmd)
@@ -202,9 +204,9 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     base_cfg = EditConfig(prompt, **settings).validate()
     rows = select_ablations(configs)
     specs = {a.name: a.specs(identity_model, edit_model) for a in rows}
+    from ipfacediff.models import check_branch
     for spec, flag in ((identity_model, '--identity-model'), (edit_model, '--edit-model')):
-        if spec and str(spec).startswith(('.', '/', '~')) and not Path(spec).expanduser().exists():
-            raise UserError(f"{flag} {spec} does not exist: pass the folder `ipfacediff finetune` wrote")
+        if spec and any(str(spec) in specs[a.name] for a in rows): check_branch(spec, flag)   # a typo fails now, not after the first rows
     local = [p for p in (model, identity_model, edit_model) if p and Path(str(p)).expanduser().exists()]   # not hub ids
     _prepare_out(out, overwrite, [video, *local], gallery)
     embs = _parse_recognizers(recognizers)          # fails now (one line) if a recognizer is unknown or lacks weights

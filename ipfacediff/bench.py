@@ -437,6 +437,11 @@ def run_bench(a) -> dict:
     Several --frames give the scaling ratio."""
     if a.json: _check_target(Path(a.json), a.overwrite, want_dir=False, name='--json path', what='report')   # now, not after the benchmark
     if a.compile_backend and not a.compile: raise UserError("--compile-backend chooses the backend of --compile: pass --compile too")
+    if a.compile_backend:
+        import torch._dynamo
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if a.compile_backend not in known:
+            raise UserError(f"unknown --compile-backend {a.compile_backend!r}: use one of {', '.join(torch._dynamo.list_backends())}, eager or aot_eager")
     kw = 0 if a.keyframe_window == 0 else a.keyframe_window
     rep = bench(a.config, a.frames, a.size, a.device, a.dtype, a.steps, a.inversion_steps, a.repeat, a.branches,
                 None if kw == 0 else kw, a.channels_last, (a.compile_backend or True) if a.compile else False,

@@ -4,12 +4,12 @@
 
 # %% ../nbs/13_cli.ipynb #9aae0882
 from __future__ import annotations
-import argparse, importlib, importlib.util, os, sys, warnings
+import argparse, contextlib, importlib, importlib.util, os, signal, sys, threading, warnings
 from . import __version__
 from .utils import UserError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'Terminated', 'main']
 
 # %% ../nbs/13_cli.ipynb #b7743d16
 COMMANDS = {  # command → (module that defines it, one-line help for the overview)
@@ -71,8 +71,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     if os.path.abspath(filename).startswith(_PKG + os.sep): print(f'ipfacediff: warning: {message}', file=file)
     else: file.write(warnings.formatwarning(message, category, filename, lineno, line))
 
+class Terminated(KeyboardInterrupt):
+    "SIGTERM (`timeout`, `kill`, a batch scheduler, `docker stop`) raised like Ctrl-C, so half-written outputs are cleaned up."
+
+def _on_sigterm(signum, frame): raise Terminated()
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    "Inside the block (main thread only), SIGTERM raises `Terminated`; the old handler is back afterwards."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, old)
+
 def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
-    "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation, 2 bad input, 130 interrupted)."
+    "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation, 2 bad input, 130 interrupted, 143 terminated)."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--version']:  # answer without importing torch
         print(f'ipfacediff {__version__}'); return 0
@@ -85,11 +98,13 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     if not getattr(args, 'func', None):
         parser.print_help(sys.stderr); return 2
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_as_interrupt():
             warnings.showwarning = _show_warning
             args.func(args)
     except UserError as e:
         print(f'ipfacediff: error: {e}', file=sys.stderr); return UserError.exit_code
+    except Terminated:
+        print('ipfacediff: terminated', file=sys.stderr); return 143
     except KeyboardInterrupt:
         print('ipfacediff: interrupted', file=sys.stderr); return 130
     except OSError as e:              # disk full, a name too long, no permission: what the system said, on one line

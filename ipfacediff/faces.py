@@ -37,8 +37,9 @@ def _dlib_models():
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path()))
 
 MAX_GAP = 25          # frames without the followed face after which the track may start afresh (see `_follow`)
-_TRACKING_RULES = 3   # bump when `detect_faces`/`track_faces` choose differently (2: full-size retry, followed by position;
-                      # 3: a lone face of the face's size is taken where nothing continues it, full-size retry per clip)
+_TRACKING_RULES = 4   # bump when `detect_faces`/`track_faces` choose differently (2: full-size retry, followed by position;
+                      # 3: a lone face of the face's size is taken where nothing continues it, full-size retry per clip;
+                      # 4: that jump is undone when the face from before it comes back; no smoothing across jumps)
 
 @functools.lru_cache(maxsize=None)
 def tracker_id() -> str:
@@ -150,16 +151,31 @@ def _continues(prev: np.ndarray, found: np.ndarray, k: int) -> int | None:
 def _follow(all_found, max_gap: int) -> tuple[list, list]:
     "The followed face's index in each frame's boxes (None: not in that frame), and the frames where the track started afresh."
     chosen, restarts, prev, last = [], [], None, -1
+    held = None        # (box, frame, first frame after) the face before a jump to a lone face elsewhere: it may come back
     for i, found in enumerate(all_found):
+        if held is not None:
+            k = _continues(held[0], found, i - held[1])
+            if k is not None:                                # it is back: the lone face was someone else
+                for f in range(held[2], i): chosen[f] = None
+                prev, last, held = found[k], i, None
+                chosen.append(k); continue
+            if i - held[1] > max_gap + 1: held = None        # gone for good: the jump stands
         j = None if prev is None else _continues(prev, found, i - last)
         if j is None and len(found) and (prev is None or i - last > max_gap + 1):
             j = 0                                            # start (again): the largest face
             if prev is not None: restarts.append(i)
         if j is None and len(found) == 1 and _same_size(prev, found)[0]:
             j = 0                                            # the only face, of its size: moved fast, came back, a cut
+            if held is None: held = (prev, last, i)
         if j is not None: prev, last = found[j], i
         chosen.append(j)
     return chosen, restarts
+
+def _smooth(v: np.ndarray, sigma: float, starts) -> np.ndarray:
+    "Gaussian smoothing over time (axis 0) of `v`, separately within each run of frames that begins at one of `starts`."
+    if not sigma or len(v) < 2: return v
+    edges = [0, *sorted(set(starts) - {0}), len(v)]
+    return np.concatenate([gaussian_filter1d(v[a:b], sigma, axis=0, mode='nearest') for a, b in zip(edges, edges[1:]) if b > a])
 
 def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     "Linear interpolation over time (axis 0) of the frames where `ok` is False, from the frames where it is True."
@@ -217,8 +233,8 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
     cx = np.array([np.concatenate(ffhq_quad(l)) for l in lms])           # (N, 4): c and x per frame
     raw_c, raw_x = cx[:, :2], cx[:, 2:]
     sc, sx = (smooth_sigma, smooth_sigma) if np.isscalar(smooth_sigma) else smooth_sigma
-    c = gaussian_filter1d(raw_c, sc, axis=0, mode='nearest') if sc and n > 1 else raw_c
-    x = gaussian_filter1d(raw_x, sx, axis=0, mode='nearest') if sx and n > 1 else raw_x
+    jumps = np.flatnonzero(np.linalg.norm(np.diff(raw_c, axis=0), axis=-1) > np.linalg.norm(raw_x[:-1], axis=-1)) + 1   # |x|: half the side
+    c, x = _smooth(raw_c, sc, jumps), _smooth(raw_x, sx, jumps)
     M = np.stack([crop_matrix(ci, xi, size) for ci, xi in zip(c, x)])
     Minv = np.stack([cv2.invertAffineTransform(m) for m in M])
     return FaceTrack(size=size, frame_size=(H, W), landmarks=lms, boxes=boxes, detected=detected, n_faces=n_faces,

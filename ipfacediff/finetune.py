@@ -4,14 +4,14 @@
 
 # %% ../nbs/06_finetune.ipynb #804bc9b7
 from __future__ import annotations
-import argparse, contextlib, copy, csv, dataclasses, importlib.util, json, math, os, random, re, shutil, time, warnings
+import argparse, contextlib, copy, csv, dataclasses, hashlib, importlib.util, json, math, os, random, re, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .utils import UserError, resolve_device, seeded, inside
+from .utils import UserError, resolve_device, seeded, inside, check_seed
 from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
@@ -71,6 +71,7 @@ class FinetuneConfig:
         if self.mode not in ('identity', 'directional'): raise UserError(f"mode must be identity or directional, got {self.mode!r}")
         if not self.data: raise UserError("no training data: pass --data with a folder of aligned face images")
         if not self.out: raise UserError("no output folder: pass --out DIR")
+        check_seed(self.seed)
         if self.mode == 'directional' and not self.captions:
             raise UserError("directional fine-tuning (ε2) needs reference captions: pass --captions FILE.jsonl (see `caption_images` for BLIP-2)")
         for k in ('steps', 'batch_size', 'size', 'grad_accum', 'checkpoint_every', 'keep_checkpoints', 'inversion_steps', 'gen_steps', 'rank'):
@@ -107,7 +108,7 @@ def _opt(k: str) -> str:
 # these must match when a run is resumed (the rest — steps, checkpoint interval, workers — may change)
 _RESUME_KEYS = ('mode', 'lora', 'rank', 'lora_alpha', 'lora_targets', 'batch_size', 'grad_accum', 'lr', 'weight_decay', 'warmup_steps',
                 'size', 'seed', 'inversion', 'inversion_steps', 't_min', 't_max', 'fixed_t', 'gen_steps', 'embedder', 'clip',
-                'lambda1', 'lambda2', 'templates', 'generic_p', 'tiny', 'model')
+                'lambda1', 'lambda2', 'templates', 'generic_p', 'tiny', 'model', 'max_grad_norm', 'mixed_precision')
 
 # %% ../nbs/06_finetune.ipynb #233cd9f2
 class StreamBatchSampler(torch.utils.data.Sampler):
@@ -332,16 +333,27 @@ class Finetuner:
                       per_rank=sorted(per_rank, key=lambda r: r[0]), num_processes=self.acc.num_processes)
             torch.save(st, tmp / 'training_state.pt')
             (tmp / 'state.json').write_text(json.dumps(dict(step=self.step, micro_batches=self.step * self.cfg.grad_accum,
-                mode=self.cfg.mode, lora=self.cfg.lora, config={k: getattr(self.cfg, k) for k in _RESUME_KEYS}), indent=1, default=str))
+                mode=self.cfg.mode, lora=self.cfg.lora, config={k: getattr(self.cfg, k) for k in _RESUME_KEYS},
+                data=self._data_id()), indent=1, default=str))
             if dst.exists(): shutil.rmtree(dst)
             os.replace(tmp, dst)
             for old in _checkpoints(self.out)[:-self.cfg.keep_checkpoints]: shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return dst
 
+    def _data_id(self) -> str:
+        "'N:hash' of the training set — its images' relative paths and captions (not where it lies): what decides the data order."
+        paths, caps = getattr(self.dataset, 'paths', None), getattr(self.dataset, 'captions', None)
+        if paths is None: return f'{len(self.dataset)}:'
+        return f"{len(self.dataset)}:{hashlib.sha256(json.dumps([list(map(str, paths)), list(caps or [])]).encode()).hexdigest()[:16]}"
+
     def _load_checkpoint(self, ck: Path):
         meta = json.loads((ck / 'state.json').read_text())
         saved = meta.get('config', {})
+        if meta.get('data') is not None and meta['data'] != self._data_id():
+            n0, n1 = meta['data'].split(':')[0], len(self.dataset)
+            raise UserError(f"checkpoint {ck} was made on another image set ({n0} images with their captions; now {n1}): "
+                            f"resume with the same --data and --captions (the folder may have moved)")
         diff = [k for k in _RESUME_KEYS if k in saved and json.loads(json.dumps(getattr(self.cfg, k), default=str)) != saved[k]]
         if diff: raise UserError(f"checkpoint {ck} was made with different settings ({', '.join(f'{k}={saved[k]!r}' for k in diff)}): resume with the same settings")
         from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
            'tiny_components', 'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components',
-           'save_components', 'local_branch', 'load_branch']
+           'save_components', 'local_branch', 'load_branch', 'check_branch']
 
 # %% ../nbs/01_models.ipynb #7195f596
 DEFAULT_MODEL = 'stabilityai/stable-diffusion-2-1-base'
@@ -348,3 +348,11 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {name} {spec} ({type(e).__name__}): pass a UNet folder (config.json + weights), a LoRA adapter folder, or a cached hub id") from None
     return m.to(dev).eval().requires_grad_(False)
+
+def check_branch(spec, name: str = 'branch') -> None:
+    "A `UserError` now, before any work, when `load_branch` could not find `spec` (a missing folder or file, an uncached hub id); its fit to the base is checked when it loads."
+    if spec is None or str(spec) in ('', 'base'): return
+    p = Path(str(local_branch(spec))).expanduser()
+    if p.exists(): return
+    if str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
+    _unet_source(p, spec, name)              # a hub id: its config must be found (in the cache, offline)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
-                              device_timestep, weights_fingerprint)
+                              device_timestep, weights_fingerprint, check_seed)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
@@ -74,8 +74,7 @@ class EditConfig:
         check_max_frames(self.max_frames, '--max-frames')
         if self.fps is not None: check_fps(self.fps, '--fps')
         if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        check_seed(self.seed)
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")
         if self.keyframe_window is not None and self.keyframe_window < 1: raise UserError(f"--keyframe-window must be at least 1 (or 0 for all keyframes in one group; None in Python), got {self.keyframe_window}")

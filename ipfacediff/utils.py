@@ -10,8 +10,8 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
-           'check_report_folder', 'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything',
-           'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
+           'check_report_folder', 'check_seed', 'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype',
+           'seed_everything', 'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -70,6 +70,8 @@ def atomic_dir(path, overwrite: bool = False):
     path = Path(path)
     parent = _check_target(path, overwrite, want_dir=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.partial', dir=parent))
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the output the user's usual mode
     try:
         yield tmp
         if path.exists():
@@ -115,6 +117,12 @@ def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=(),
     return out
 
 # %% ../nbs/00a_utils.ipynb #709456f1
+def check_seed(seed, what: str = '--seed') -> int:
+    "`seed` as an int in [0, 2³²) — what NumPy, torch and Python's RNGs all take, with room for per-epoch offsets — else a `UserError`."
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UserError(f"{what} must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
+    return int(seed)
+
 def cpu_workers(workers: int | None = None) -> int:
     "`workers` if given (at least 1), else the CPUs this process may use."
     if workers is not None:
@@ -138,7 +146,7 @@ _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.flo
            'half': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
 
 def resolve_device(device: str | torch.device | None = 'auto') -> torch.device:
-    "`'auto'` picks CUDA when present, else CPU; asking for CUDA on a machine without it is a `UserError`."
+    "`'auto'` picks CUDA when present, else CPU; CUDA on a machine without it, or a GPU index it lacks, is a `UserError`; `cuda:N` becomes the current GPU."
     if device is None or str(device) == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try: dev = torch.device(device)
@@ -147,6 +155,10 @@ def resolve_device(device: str | torch.device | None = 'auto') -> torch.device:
         raise UserError(f"device {str(device)!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f"device {device} was asked for but no CUDA GPU is visible: use --device cpu")
+    if dev.type == 'cuda' and dev.index is not None:
+        n = torch.cuda.device_count()
+        if dev.index >= n: raise UserError(f"device {device} does not exist: this machine has {n} CUDA GPU(s), cuda:0 … cuda:{n - 1}")
+        torch.cuda.set_device(dev)      # timers, memory statistics and new tensors without a device argument follow it
     return dev
 
 def resolve_dtype(dtype: str | torch.dtype | None = 'auto', device: torch.device | str = 'cpu') -> torch.dtype:

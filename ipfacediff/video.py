@@ -137,6 +137,8 @@ def _too_big(path, n: int, w: int, h: int) -> UserError:
     return UserError(f"{path}: {n} frames of {w}x{h} would need {n*w*h*3/2**30:.0f} GB: "
                      "read fewer frames (max_frames/--max-frames, a lower fps)")
 
+_HDR_TRC = (16, 18)     # SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG) transfer characteristics
+
 def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
                progress: bool = True, max_gb: float = 16.0) -> tuple[np.ndarray, VideoInfo]:
     "Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, at `fps` (or the source's rate), nearest frame to each time."
@@ -172,7 +174,11 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
                 n_decoded += 1
                 t = _frame_time(frame, stream)
                 t = (n_decoded - 1) / (src_fps or 25.0) if t is None else t - t0
-                if rotation is None: rotation = _stream_rotation(container, stream, frame)
+                if rotation is None:
+                    rotation = _stream_rotation(container, stream, frame)
+                    if frame.color_trc in _HDR_TRC or frame.color_primaries == 9:
+                        warnings.warn(f"{Path(path).name} is HDR video (BT.2020 / PQ / HLG): it is read as 8-bit RGB without tone "
+                                      "mapping, so colours come out washed out; convert it to SDR BT.709 first for a faithful result")
                 if origin is None:               # no fps: the grid starts at the first frame from `start` on
                     if t < start - 1e-6: continue
                     origin = t
@@ -244,6 +250,15 @@ def _check_frames(frames, what='frames'):
         raise ValueError(f"{what} must be uint8 (N, H, W, 3) RGB, got {f0.dtype} {f0.shape}")
     return f0.shape[:2]
 
+_BT709, _LIMITED = (1, 1, 1), 1       # colour space, primaries, transfer: ITU-R BT.709; MPEG (limited) range
+
+def _yuv709(rgb: np.ndarray):
+    "A yuv420p `VideoFrame` of a uint8 RGB image by the BT.709 matrix, limited range, tagged as such."
+    f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format='rgb24').reformat(
+        format='yuv420p', src_colorspace='ITU709', dst_colorspace='ITU709', src_color_range='JPEG', dst_color_range='MPEG')
+    f.colorspace, f.color_primaries, f.color_trc, f.color_range = _BT709 + (_LIMITED,)
+    return f
+
 def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, overwrite: bool = False,
                 crf: int = 18, preset: str = 'medium', progress: bool = True) -> Path:
     "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic."
@@ -257,6 +272,8 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
         with av.open(str(tmp), 'w', options={'movflags': '+faststart'}) as c:
             vs = c.add_stream('libx264', rate=rate, options={'crf': str(crf), 'preset': preset})
             vs.width, vs.height, vs.pix_fmt = pw, ph, 'yuv420p'
+            cc = vs.codec_context
+            cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = _BT709 + (_LIMITED,)
             if audio is not None:
                 samples, arate, layout = audio
                 ast = c.add_stream('aac', rate=arate, layout=layout)
@@ -265,7 +282,7 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
                 f = np.asarray(f)
                 if f.shape[:2] != (h, w): raise ValueError(f"frame {i} is {f.shape[:2]}, frame 0 is {(h, w)}")
                 if (ph, pw) != (h, w): f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode='edge')
-                for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')): c.mux(p)
+                for p in vs.encode(_yuv709(f)): c.mux(p)
                 if audio is not None:            # audio up to the end of this frame
                     upto = min(samples.shape[1], int(round((i + 1) / float(rate) * arate)))
                     while apos < upto:

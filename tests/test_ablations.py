@@ -10,7 +10,7 @@ from ipfacediff.utils import data_path
 from cli_helpers import run_cli, run_inprocess
 
 SAMPLE = str(data_path('sample.mp4'))
-ROWS = ['base', 'base_inject', 'ft_eps2', 'ft_eps1_inject', 'full']
+ROWS = ['base', 'base_inject', 'ft_eps2', 'ft_eps1_inject', 'full', 'full_no_inject']
 
 def cli(*args, cache):
     "`ipfacediff ablations ARGS --quiet` in a subprocess; (result, seconds)."
@@ -77,6 +77,7 @@ def test_refuses_to_overwrite(study, capsys, monkeypatch):
     ([SAMPLE, '--tiny', '--configs', 'base,bogus'], "unknown configuration 'bogus'"),
     ([SAMPLE, '--identity-model', '/nonexistent/eps1'], 'pass --edit-model PATH'),          # ft_eps2 needs ε2
     ([SAMPLE, '--configs', 'ft_eps1_inject', '--edit-model', 'x'], 'pass --identity-model PATH'),
+    ([SAMPLE, '--configs', 'base,ft_eps2', '--edit-model', 'runs/eps2_typo'], 'could not load --edit-model runs/eps2_typo'),  # before `base` runs
 ])
 def test_bad_input_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, msg):
     out = tmp_path / 'study'

@@ -97,6 +97,29 @@ def test_lone_bystander_is_refused(frames):
     assert any('in 1 of them only other faces were seen' in m for m in said), said
 
 
+def test_hidden_face_comes_back_from_a_same_size_bystander(frames):
+    "Two people of one size; the followed one is hidden for 3 frames, where the other is the only face: the track jumps there but comes back."
+    clip = np.concatenate([frames[:12, :, ::-1], frames[:12]], axis=2).copy()   # mirrored copy on the left, 1280 px wide
+    first = track_faces(clip[:1], progress=False)
+    left = first.boxes[0, 2] < 640
+    hide = slice(0, 640) if left else slice(640, 1280)
+    clip[5:8, :, hide] = 90                                                     # the followed face is hidden in frames 5-7
+    tr, said = tracked(clip)
+    on_side = (tr.boxes[:, 2] < 640) if left else (tr.boxes[:, 0] > 640)
+    assert on_side.all(), tr.boxes[:, 0]                                        # was: the other person from frame 5 on
+    assert tr.detected.tolist() == [True] * 5 + [False] * 3 + [True] * 4
+    assert any('in 3 of them only other faces were seen' in m for m in said), said
+
+
+def test_no_smoothing_across_a_cut(frames):
+    "The same person mirrored to the other side from frame 10: the crops beside the cut are their own frame's, not a blend."
+    clip = np.concatenate([frames[:10], frames[10:20, :, ::-1]])
+    tr, _ = tracked(clip)
+    raw, sm = tr.raw_quads.mean(1), tr.quads.mean(1)
+    side = np.linalg.norm(tr.quads[:, 3] - tr.quads[:, 0], axis=-1)
+    assert (np.abs(raw[8:12, 0] - sm[8:12, 0]) < 0.05 * side[8:12]).all(), (raw[8:12, 0], sm[8:12, 0])   # was 25 %
+
+
 def test_follow_rules():
     box = lambda x, side=100.: np.array([[x, 0, x + side, side]], float)
     both = lambda *b: np.concatenate(b)

@@ -12,6 +12,8 @@
 #   device call 1:  carry [".kit"]   bash tools/gpu_kit.sh predictor
 #   device call 2:  carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_40 --frames 40 --sync-report
 #   device call 3+: carry [".whl"]   IPFACEDIFF_COMMIT=<sha> bash tools/gpu_kit.sh bench sd21_300 --frames 300   (while warm)
+#   then, while warm: `bench nocl --frames 40 --no-channels-last` (CUDA's GroupNorm may copy out of channels_last
+#   in eager mode: measure before keeping it the default), `adapters --branches adapters`, `compiled --frames 40 --compile`
 # Each `bench NAME ARGS` runs `ipfacediff bench --config sd21 --device cuda ARGS` and leaves NAME.json
 # and NAME.log under $OUT. PYVER (default 3.12) and PYTHON (default python3) are for trying it elsewhere.
 set -euo pipefail
@@ -41,7 +43,8 @@ fetch)
 predictor)                                              # device call 1
     [ -s ".kit/$MODEL.xz" ] || { echo "gpu_kit: .kit/$MODEL.xz is missing: run 'bash tools/gpu_kit.sh fetch' here and carry .kit" >&2; exit 2; }
     mkdir -p "$SITE/models/face_recognition_models/models"   # a namespace package: faces.dlib_model_path finds it
-    xz -dc ".kit/$MODEL.xz" > "$SITE/models/face_recognition_models/models/$MODEL"
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        ".kit/$MODEL.xz" "$SITE/models/face_recognition_models/models/$MODEL"   # no xz binary needed there
     ls -la "$SITE/models/face_recognition_models/models"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv || true
     "$PYTHON" -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
@@ -68,5 +71,5 @@ PY
         bench --config sd21 --device "${DEVICE:-cuda}" --quiet --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
     ;;
 *)
-    sed -n '2,14p' "$0"; exit 2 ;;
+    sed -n '2,16p' "$0"; exit 2 ;;
 esac
