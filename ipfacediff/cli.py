@@ -9,7 +9,7 @@ from . import __version__
 from .utils import UserError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'Terminated', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'Terminated', 'quiet_libraries', 'main']
 
 # %% ../nbs/13_cli.ipynb #b7743d16
 COMMANDS = {  # command → (module that defines it, one-line help for the overview)
@@ -84,6 +84,13 @@ def _sigterm_as_interrupt():
     try: yield
     finally: signal.signal(signal.SIGTERM, old)
 
+def quiet_libraries():
+    "The progress bars of transformers, diffusers and the hub (loading and saving weights) off: what `--quiet` promises."
+    os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
+    for mod in ('transformers.utils.logging', 'diffusers.utils.logging'):
+        try: importlib.import_module(mod).disable_progress_bar()
+        except ImportError: pass
+
 def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation, 2 bad input, 130 interrupted, 143 terminated)."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
         (parser.commands[cmd] if after else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, 'func', None):
         parser.print_help(sys.stderr); return 2
+    if getattr(args, 'quiet', False) or getattr(args, 'no_progress', False): quiet_libraries()   # finetune: --no-progress
     try:
         with warnings.catch_warnings(), _sigterm_as_interrupt():
             warnings.showwarning = _show_warning

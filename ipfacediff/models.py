@@ -15,7 +15,7 @@ from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
            'tiny_components', 'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components',
-           'save_components', 'local_branch', 'load_branch', 'check_branch']
+           'save_components', 'local_branch', 'load_branch', 'check_adapter_keys', 'check_branch']
 
 # %% ../nbs/01_models.ipynb #7195f596
 DEFAULT_MODEL = 'stabilityai/stable-diffusion-2-1-base'
@@ -252,7 +252,24 @@ def _lora_file(p: Path) -> Path | None:
     if named: return named[0]
     if (p / 'config.json').exists() or (p / 'unet').is_dir(): return None
     found = [f for f in sorted(p.glob('*.safetensors')) if _lora_keys(f)]
-    return found[0] if len(found) == 1 else None
+    if len(found) > 1:
+        raise UserError(f"the folder {p} holds {len(found)} LoRA files ({', '.join(f.name for f in found[:4])}{', …' if len(found) > 4 else ''}): "
+                        f"pass the one you mean, e.g. {found[0]}")
+    return found[0] if found else None
+
+def _alphas_into_weights(sd: dict, alphas: dict | None) -> dict | None:
+    """`sd` (diffusers' names) with each layer's up weight scaled by its alpha / rank, so it loads with scale 1; None when
+    an alpha's weights cannot be found (then diffusers' own `network_alphas` handling is used). diffusers maps kohya's
+    per-layer alphas onto processor-style names that miss the attention projections, which would get the file's most
+    common alpha instead of their own."""
+    if not alphas: return dict(sd)
+    out = dict(sd)
+    for k, a in alphas.items():
+        base = k[:-len('.down.weight.alpha')] if k.endswith('.down.weight.alpha') else k[:-len('.alpha')] + '.lora'
+        down, up = f'{base}.down.weight', f'{base}.up.weight'
+        if down not in sd or up not in sd: return None
+        out[up] = sd[up] * (float(a) / sd[down].shape[0])
+    return out
 
 @contextlib.contextmanager
 def _diffusers_quiet():
@@ -282,6 +299,8 @@ def _load_diffusers_lora(f: Path, base, name):
     mods = dict(base.named_modules())
     lost = sorted({k.split('.lora_')[0] for k in unet_sd if '.lora_' in k} - set(mods))
     if lost: raise UserError(f"{name} {f} is not a LoRA for this UNet (this UNet has no layer {lost[0]}): pass a LoRA trained on the base model")
+    scaled = _alphas_into_weights(sd, alphas) if alphas and meta is None else None
+    if scaled is not None: sd, alphas = scaled, None                 # each layer's alpha / rank in its own weights
     m = copy.deepcopy(base)
     try:
         with _hub_quiet(), _diffusers_quiet():
@@ -334,11 +353,21 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
     dev, dt = base.device, base.dtype
     if p.is_dir() and (p / 'adapter_config.json').exists():
         from peft import PeftModel
-        try: m = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
+        try:
+            with warnings.catch_warnings():   # peft's list of missing keys: `check_adapter_keys` says it in one line
+                warnings.filterwarnings('ignore', message='Found missing adapter keys')
+                m = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
         except Exception as e: raise UserError(f"{name} {p} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        check_adapter_keys(m, p, name)
         return move(m.merge_and_unload(), dev, dt).eval().requires_grad_(False)
     if (f := _lora_file(p)) is not None: return move(_load_diffusers_lora(f, base, name), dev, dt).eval().requires_grad_(False)
-    if p.is_file() and p.suffix.lower() in _CKPT_SUFFIXES: raise _single_file_error(name, p, 'pass DIR/unet')
+    if p.is_file() and p.suffix.lower() in _CKPT_SUFFIXES:
+        if (p.parent / 'config.json').exists():
+            raise UserError(f"{name} {p} is the weights file of the model folder {p.parent}: pass the folder")
+        if _torch_lora_file(p):
+            raise UserError(f"{name} {p} holds LoRA weights saved with torch.save: pass them as .safetensors (peft's or diffusers' "
+                            f"save_pretrained / save_lora_weights, or kohya's trainer)")
+        raise _single_file_error(name, p, 'pass DIR/unet')
     if p.exists() and not p.is_dir(): raise UserError(f"{name} {p} is a file: pass a UNet folder, a LoRA adapter folder or a hub id")
     if not p.exists() and str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
     cfg, src, sub = _unet_source(p, spec, name)
@@ -349,10 +378,25 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
         raise UserError(f"could not load {name} {spec} ({type(e).__name__}): pass a UNet folder (config.json + weights), a LoRA adapter folder, or a cached hub id") from None
     return m.to(dev).eval().requires_grad_(False)
 
+def check_adapter_keys(model, path, name: str = 'branch', adapter: str = 'default') -> None:
+    "A `UserError` unless the peft adapter saved at `path` filled every LoRA weight of `adapter` in `model` (peft loads leniently: a mismatch would leave the base)."
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+    saved = set(load_peft_weights(str(path), device='cpu'))
+    want = set(get_peft_model_state_dict(model, adapter_name=adapter))
+    if saved != want:
+        odd = sorted(saved - want) or sorted(want - saved)
+        raise UserError(f"{name} {path} does not fit this UNet's layers (e.g. {odd[0]}): pass a LoRA adapter trained on the base model")
+
+def _torch_lora_file(p: Path) -> bool:
+    "Whether `p` is a torch.save'd dict of tensors with LoRA names (read safely: tensors only)."
+    try: d = torch.load(p, map_location='cpu', weights_only=True)
+    except Exception: return False
+    return isinstance(d, dict) and any('lora' in str(k).lower() for k in d)
+
 def check_branch(spec, name: str = 'branch') -> None:
     "A `UserError` now, before any work, when `load_branch` could not find `spec` (a missing folder or file, an uncached hub id); its fit to the base is checked when it loads."
     if spec is None or str(spec) in ('', 'base'): return
     p = Path(str(local_branch(spec))).expanduser()
-    if p.exists(): return
+    if p.exists(): _lora_file(p); return        # a folder with several LoRA files is refused now
     if str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
     _unet_source(p, spec, name)              # a hub id: its config must be found (in the cache, offline)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
                               device_timestep, weights_fingerprint, check_seed)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
-from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, tiny_components,
+from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, check_adapter_keys, tiny_components,
                                encode_prompt, vae_encode, vae_decode)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
@@ -529,9 +529,13 @@ def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module
         if spec is None or str(spec) in ('', 'base'): names.append('__base__'); continue
         if not is_lora_dir(spec): raise UserError(f"{what} {spec} is not a LoRA adapter folder: batched branches need adapters of one base")
         try:
-            if m is None: m = PeftModel.from_pretrained(base, str(spec), adapter_name=name, autocast_adapter_dtype=False)
-            else: m.load_adapter(str(spec), adapter_name=name, autocast_adapter_dtype=False)
+            with warnings.catch_warnings():   # peft's list of missing keys: `check_adapter_keys` says it in one line
+                warnings.filterwarnings('ignore', message='Found missing adapter keys')
+                if m is None: m = PeftModel.from_pretrained(base, str(spec), adapter_name=name, autocast_adapter_dtype=False)
+                else: m.load_adapter(str(spec), adapter_name=name, autocast_adapter_dtype=False)
         except Exception as e: raise UserError(f"{what} {spec} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        try: check_adapter_keys(m, spec, what, adapter=name)
+        except UserError: m.unload(); raise                     # `base` without the adapters again
         names.append(name)
     if m is None: raise UserError('neither branch is a LoRA adapter')
     unet = move(m.base_model.model, dev, dt).eval().requires_grad_(False)

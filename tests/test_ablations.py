@@ -35,6 +35,7 @@ def test_tiny_study_end_to_end(study):
     out = d / 'study'
     print(f'ipfacediff ablations --tiny: {secs:.0f} s')
     assert 'smoke run' in r.stdout and 'wrote' in r.stdout
+    assert 'Loading weights' not in r.stderr and 'Writing model shards' not in r.stderr   # --quiet: the libraries' bars too
     for n in ROWS:                                   # one edit per configuration, named like the original
         frames, info = read_video(out / n / 'sample.mp4', progress=False)
         assert len(frames) == 6 and info.fps == 10.0

@@ -92,7 +92,8 @@ def test_bench_work_is_linear_in_the_frames(monkeypatch):
     # the keyframes held together stop at the window: 2 of 2 at 16 frames, 4 (not 8) at 64
     assert [r['max_keyframe_group'] for r in rep['runs']] == [min(K(16), 4), min(K(64), 4)] == [2, 4]
     r16, r64 = rep['runs']
-    assert r64['rss_growth_mb'] <= r16['rss_growth_mb'] + (r64['data_mb'] - r16['data_mb']) + 64
+    # beyond the frames and latents the API holds, allocator and codec slack: 25…70 MB seen on these machines
+    assert r64['rss_growth_mb'] <= r16['rss_growth_mb'] + (r64['data_mb'] - r16['data_mb']) + 96
 
 def test_sd21_size_and_flops_on_meta():
     from ipfacediff.bench import sd21_components, count_flops, n_params

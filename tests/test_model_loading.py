@@ -266,3 +266,79 @@ def test_pipeline_batches_lora_hub_ids(tc, tmp_path, monkeypatch):
     p = IPFaceDiffPipeline.from_components(comps, 'someone/id-lora', 'someone/edit-lora', cache_dir=tmp_path / 'c', progress=False)
     assert p.adapters is not None and p.eps1 is p.eps2
     assert p.branch_ids == {'eps1': 'someone/id-lora', 'eps2': 'someone/edit-lora'}
+
+
+# 6. LoRA files that used to load wrongly or give advice that cannot work
+
+def _kohya(tc, spec, seed=0):
+    "A kohya-format state dict for `spec` {layer: (rank, alpha)} and the weights each layer should end with."
+    mods, g = dict(tc.unet.named_modules()), torch.Generator().manual_seed(seed)
+    sd, want = {}, {}
+    for t, (r, a) in spec.items():
+        W = mods[t].weight
+        if W.ndim == 4:
+            down, up = torch.randn(r, W.shape[1], *W.shape[2:], generator=g), torch.randn(W.shape[0], r, 1, 1, generator=g)
+            delta = (up.flatten(1) @ down.flatten(1)).view_as(W)
+        else:
+            down, up = torch.randn(r, W.shape[1], generator=g), torch.randn(W.shape[0], r, generator=g)
+            delta = up @ down
+        k = 'lora_unet_' + t.replace('.', '_')
+        sd[k + '.lora_down.weight'], sd[k + '.lora_up.weight'], sd[k + '.alpha'] = down, up, torch.tensor(a)
+        want[t] = W + a / r * delta
+    return sd, want
+
+
+def test_kohya_lora_with_per_layer_alphas_is_fused_at_each_layers_scale(tc, tmp_path):
+    from safetensors.torch import save_file
+    spec = {'up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q': (4, 2.0),
+            'up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_k': (2, 1.0),
+            'up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_v': (4, 4.0),
+            'down_blocks.0.attentions.0.proj_in': (8, 4.0),
+            'mid_block.attentions.0.transformer_blocks.0.ff.net.2': (8, 8.0)}
+    sd, want = _kohya(tc, spec)
+    save_file(sd, str(tmp_path / 'k.safetensors'))
+    got = dict(load_branch(tmp_path / 'k.safetensors', tc.unet, 'ε2').named_modules())
+    for t in spec: torch.testing.assert_close(got[t].weight, want[t], atol=1e-5, rtol=1e-5, msg=t)   # was 2× and 4× off on to_q/to_k
+
+
+def test_peft_adapter_whose_keys_do_not_fit_is_refused(tc, tmp_path):
+    from peft import get_peft_model
+    from safetensors.torch import load_file, save_file
+    get_peft_model(copy.deepcopy(tc.unet), LoraConfig(**LORA)).save_pretrained(tmp_path / 'lora')
+    f = tmp_path / 'lora' / 'adapter_model.safetensors'
+    save_file({k.replace('base_model.model.', 'base_model.model.unet.'): v for k, v in load_file(str(f)).items()}, str(f))
+    one_line_error(lambda: load_branch(tmp_path / 'lora', tc.unet, 'edit model (ε2)'), 'does not fit this UNet', 'base_model.model.unet.')
+
+
+def test_files_that_are_not_checkpoints_get_advice_that_works(tc, tmp_path):
+    tc.unet.save_pretrained(tmp_path / 'eps2' / 'unet')
+    f = tmp_path / 'eps2' / 'unet' / 'diffusion_pytorch_model.safetensors'
+    msg = one_line_error(lambda: load_branch(f, tc.unet, 'ε2'), 'is the weights file of the model folder', 'pass the folder')
+    assert 'from_single_file' not in msg
+    sd, _ = _kohya(tc, {'up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q': (4, 4.0)})
+    torch.save(sd, tmp_path / 'face_lora.pt')
+    one_line_error(lambda: load_branch(tmp_path / 'face_lora.pt', tc.unet, 'ε2'), 'holds LoRA weights saved with torch.save', '.safetensors')
+
+
+def test_folder_with_several_lora_files_names_them(tc, tmp_path):
+    from safetensors.torch import save_file
+    from ipfacediff.models import check_branch
+    sd, _ = _kohya(tc, {'up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q': (4, 4.0)})
+    for n in ('face-000010.safetensors', 'face.safetensors'): save_file(sd, str(tmp_path / n))   # kohya: per-epoch saves and the final one
+    for f in (lambda: check_branch(tmp_path, 'ε2'), lambda: load_branch(tmp_path, tc.unet, 'ε2')):
+        one_line_error(f, 'holds 2 LoRA files', 'face-000010.safetensors', 'pass the one you mean')
+
+
+def test_batched_adapter_whose_keys_do_not_fit_is_refused(tmp_path):
+    "The batched path (both branches LoRA adapters of one UNet) checks the keys too, and leaves the base UNet without adapters."
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file, save_file
+    from ipfacediff.pipeline import IPFaceDiffPipeline
+    comps = tiny_components()
+    get_peft_model(copy.deepcopy(comps.unet), LoraConfig(**LORA)).save_pretrained(tmp_path / 'lora')
+    f = tmp_path / 'lora' / 'adapter_model.safetensors'
+    save_file({k.replace('base_model.model.', 'base_model.model.unet.'): v for k, v in load_file(str(f)).items()}, str(f))
+    one_line_error(lambda: IPFaceDiffPipeline.from_components(comps, None, tmp_path / 'lora', cache_dir=tmp_path / 'c', progress=False),
+                   'edit model (ε2)', 'does not fit this UNet')
+    assert not any(isinstance(m, LoraLayer) for m in comps.unet.modules())
