@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_metrics.ipynb #4e729b44
 from __future__ import annotations
-import contextlib, csv, functools, hashlib, importlib.util, io, json, math, os, shutil, tempfile, time, warnings
+import contextlib, csv, functools, hashlib, importlib.util, io, json, math, os, shutil, tempfile, time, warnings, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -441,11 +441,15 @@ def embed_frames(frames, embedders: dict, size: int = 512, batch_size: int = 16,
 _CACHE_VERSION = 3   # 2: the face detector's rules (`faces.tracker_id()`) are part of the key; 3: recognizers by fingerprint,
                      # faces searched at full size when the reduced frames show none
 
+_MODULE_PRINTS = weakref.WeakKeyDictionary()   # another module's fingerprint, hashed once per module (a gallery asks per item)
+
 def embedder_fingerprint(embedder) -> str:
     "What stands for a recognizer in a cache key: `fingerprint()` of an `ipfacediff.embedders` one (class, crop, weights …); a module's class and weights; else its name."
     fp = getattr(embedder, 'fingerprint', None)
     if callable(fp): return str(fp())
-    if isinstance(embedder, torch.nn.Module): return f'{type(embedder).__name__}:{weights_fingerprint(embedder)}'
+    if isinstance(embedder, torch.nn.Module):
+        if embedder not in _MODULE_PRINTS: _MODULE_PRINTS[embedder] = f'{type(embedder).__name__}:{weights_fingerprint(embedder)}'
+        return _MODULE_PRINTS[embedder]
     return embedder_name(embedder)
 
 def _cache_key(digest: str, recognizer: str, settings: dict) -> str:

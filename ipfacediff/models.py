@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #671c1991
 from __future__ import annotations
-import contextlib, copy, json, os, re, warnings
+import contextlib, copy, functools, json, os, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -262,7 +262,6 @@ def _alphas_into_weights(sd: dict, alphas: dict | None) -> dict | None:
     an alpha's weights cannot be found (then diffusers' own `network_alphas` handling is used). diffusers maps kohya's
     per-layer alphas onto processor-style names that miss the attention projections, which would get the file's most
     common alpha instead of their own."""
-    if not alphas: return dict(sd)
     out = dict(sd)
     for k, a in alphas.items():
         base = k[:-len('.down.weight.alpha')] if k.endswith('.down.weight.alpha') else k[:-len('.alpha')] + '.lora'
@@ -332,6 +331,15 @@ def local_branch(spec):
     internet, the cached copy offline); anything else is returned as given."""
     s = str(spec) if spec is not None else ''
     if not _HUB_ID.fullmatch(s) or Path(s).expanduser().exists(): return spec
+    import huggingface_hub.constants as hc
+    found = _hub_lora(s, str(hc.HF_HUB_CACHE), bool(hc.HF_HUB_OFFLINE))
+    if found is not None and not found.exists():                 # the cache was cleared since: ask again
+        _hub_lora.cache_clear(); found = _hub_lora(s, str(hc.HF_HUB_CACHE), bool(hc.HF_HUB_OFFLINE))
+    return spec if found is None else found
+
+@functools.lru_cache(maxsize=64)          # check_branch, from_components and load_branch ask about one id: the hub once
+def _hub_lora(s: str, cache: str, offline: bool) -> Path | None:
+    "The copy (in the hub cache `cache`) of the LoRA at the root of hub repo `s`, fetched unless `offline`; else None."
     from huggingface_hub import hf_hub_download, snapshot_download
     for fname in ('adapter_config.json',) + _LORA_NAMES:
         try:
@@ -343,7 +351,7 @@ def local_branch(spec):
         except Exception as e:
             raise UserError(f"the LoRA adapter {s} has an adapter_config.json but its weights could not be fetched ({type(e).__name__}): "
                             f"download it once with `hf download {s} --local-dir DIR` and pass DIR") from None
-    return spec
+    return None
 
 def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2DConditionModel:
     "ε1 / ε2 from `spec`: None → `base`; a UNet folder or hub id; or a LoRA (peft folder, diffusers/kohya file or folder, or a hub id of one) merged into a copy of `base`."
@@ -389,7 +397,7 @@ def check_adapter_keys(model, path, name: str = 'branch', adapter: str = 'defaul
 
 def _torch_lora_file(p: Path) -> bool:
     "Whether `p` is a torch.save'd dict of tensors with LoRA names (read safely: tensors only)."
-    try: d = torch.load(p, map_location='cpu', weights_only=True)
+    try: d = torch.load(p, map_location='cpu', weights_only=True, mmap=True)   # names only: the tensors stay on disk
     except Exception: return False
     return isinstance(d, dict) and any('lora' in str(k).lower() for k in d)
 

@@ -142,7 +142,6 @@ class IPFaceDiffPipeline:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress, self.smoke = progress, smoke
         self.calls = Counter()
-        self.branch_ids = {'eps1': 'base', 'eps2': 'base'}
         self.adapters: AdapterRows | None = None   # set when ε1 and ε2 are LoRA adapters of one UNet (one forward for both)
         self.kf_pairs, self.max_keyframe_group = 0, 0  # extended attention of the last edit: Σ rows·(g−1) over groups; largest g
 
@@ -165,7 +164,6 @@ class IPFaceDiffPipeline:
         else:
             p = cls(comps, load_branch(specs[0], comps.unet, 'identity model (ε1)'),
                     load_branch(specs[1], comps.unet, 'edit model (ε2)'), **kw)
-        p.branch_ids = {'eps1': str(identity_model or 'base'), 'eps2': str(edit_model or 'base')}
         return p
 
     @classmethod
@@ -429,7 +427,8 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
             # ε1, the VAE and the text encoder (the source prompt) decide the inversion; with both branches as LoRA adapters on one UNet, only ε1's adapter counts
             a = self.adapters
             skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
-            self._weights_key = weights_fingerprint(self.eps1, self.c.vae, self.c.text_encoder, skip=skip)
+            abar = hashlib.sha256(self.c.scheduler.alphas_cumprod.double().cpu().numpy().tobytes()).hexdigest()[:16]
+            self._weights_key = f'{weights_fingerprint(self.eps1, self.c.vae, self.c.text_encoder, skip=skip)}:{abar}'   # + the noise schedule
         key = cache_key(crops, version=INVERSION_CACHE_VERSION, weights=self._weights_key,   # not names: `./e1` and `/abs/e1` are one ε1
                         steps=cfg.inversion_steps, kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size,
                         batch=cfg.batch_size)
@@ -533,9 +532,11 @@ def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module
                 warnings.filterwarnings('ignore', message='Found missing adapter keys')
                 if m is None: m = PeftModel.from_pretrained(base, str(spec), adapter_name=name, autocast_adapter_dtype=False)
                 else: m.load_adapter(str(spec), adapter_name=name, autocast_adapter_dtype=False)
-        except Exception as e: raise UserError(f"{what} {spec} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-        try: check_adapter_keys(m, spec, what, adapter=name)
-        except UserError: m.unload(); raise                     # `base` without the adapters again
+            check_adapter_keys(m, spec, what, adapter=name)
+        except Exception as e:
+            if m is not None: m.unload()                        # `base` without the adapters again
+            if isinstance(e, UserError): raise
+            raise UserError(f"{what} {spec} is not a LoRA adapter for this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         names.append(name)
     if m is None: raise UserError('neither branch is a LoRA adapter')
     unet = move(m.base_model.model, dev, dt).eval().requires_grad_(False)

@@ -254,7 +254,7 @@ def test_branch_from_cached_lora_hub_ids(tc, tmp_path, monkeypatch, inputs):
 
 
 def test_pipeline_batches_lora_hub_ids(tc, tmp_path, monkeypatch):
-    "Two peft LoRAs given by hub id share one UNet's forwards as local adapter folders do; the cache key names the hub ids."
+    "Two peft LoRAs given by hub id share one UNet's forwards as local adapter folders do."
     from peft import get_peft_model
     from ipfacediff.pipeline import IPFaceDiffPipeline
     for i, name in enumerate(('id-lora', 'edit-lora')):
@@ -265,7 +265,6 @@ def test_pipeline_batches_lora_hub_ids(tc, tmp_path, monkeypatch):
     comps = tiny_components()
     p = IPFaceDiffPipeline.from_components(comps, 'someone/id-lora', 'someone/edit-lora', cache_dir=tmp_path / 'c', progress=False)
     assert p.adapters is not None and p.eps1 is p.eps2
-    assert p.branch_ids == {'eps1': 'someone/id-lora', 'eps2': 'someone/edit-lora'}
 
 
 # 6. LoRA files that used to load wrongly or give advice that cannot work
@@ -341,4 +340,11 @@ def test_batched_adapter_whose_keys_do_not_fit_is_refused(tmp_path):
     save_file({k.replace('base_model.model.', 'base_model.model.unet.'): v for k, v in load_file(str(f)).items()}, str(f))
     one_line_error(lambda: IPFaceDiffPipeline.from_components(comps, None, tmp_path / 'lora', cache_dir=tmp_path / 'c', progress=False),
                    'edit model (ε2)', 'does not fit this UNet')
+    assert not any(isinstance(m, LoraLayer) for m in comps.unet.modules())
+    # a good ε1 adapter and an unreadable ε2 one: refused, and ε1's layers are gone from the base again
+    get_peft_model(copy.deepcopy(comps.unet), LoraConfig(**LORA)).save_pretrained(tmp_path / 'good')
+    (tmp_path / 'broken').mkdir(); shutil.copy(tmp_path / 'good' / 'adapter_config.json', tmp_path / 'broken')
+    (tmp_path / 'broken' / 'adapter_model.safetensors').write_bytes(b'not safetensors')
+    one_line_error(lambda: IPFaceDiffPipeline.from_components(comps, tmp_path / 'good', tmp_path / 'broken', cache_dir=tmp_path / 'c', progress=False),
+                   'edit model (ε2)', 'is not a LoRA adapter for this UNet')
     assert not any(isinstance(m, LoraLayer) for m in comps.unet.modules())
