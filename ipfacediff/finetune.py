@@ -238,8 +238,6 @@ class Finetuner:
         self.resume_from, clear_out = self._prepare_out(resume, overwrite)
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()  # a new run in the same process may use another precision (the process group is kept)
-        if dev.type == 'cuda' and dev.index is not None and int(os.environ.get('WORLD_SIZE', '1')) == 1:
-            torch.cuda.set_device(dev)               # accelerate takes the current GPU: make it the one asked for (--device cuda:N)
         try: self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=dev.type == 'cpu')
         except ValueError as e: raise UserError(f"--mixed-precision {cfg.mixed_precision}: {str(e).splitlines()[0]}") from None
         dev = self.acc.device

@@ -13,12 +13,12 @@ from tqdm.auto import tqdm
 from .utils import UserError, atomic_dir, usable_cache_dir, check_report_folder, rgb_image, weights_fingerprint
 
 # %% auto #0
-__all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
-           'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics', 'raft_available',
-           'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id', 'clip_direction_score',
-           'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
-           'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate',
-           'check_folder', 'add_cli']
+__all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'crops_at', 'face_crops', 'cosine_distance', 'frame_embeddings',
+           'video_embedding', 'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics',
+           'raft_available', 'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id',
+           'clip_direction_score', 'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings',
+           'embedder_name', 'embed_frames', 'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery',
+           'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -31,10 +31,20 @@ def _crop(img, M, size):
     w = getattr(faces, '_warp', None)            # shrink-aware warp of the faces module when present
     return w(img, M, (size, size)) if w else cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
+def crops_at(frames, boxes, size: int = 512) -> np.ndarray:
+    "FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames whose face box (x0, y0, x1, y1) is finite: landmarks in that box, no detection."
+    from ipfacediff.faces import face_landmarks, ffhq_quad, crop_matrix
+    out = []
+    for f, b in zip(frames, np.asarray(boxes, np.float64)):
+        if not np.isfinite(b).all(): continue
+        c, x = ffhq_quad(face_landmarks(f, b))
+        out.append(_crop(f, crop_matrix(c, x, size), size))
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
 def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = False):
     """FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames with a face, the mask `(N,)` of those frames,
     and the chosen face boxes `(N, 4)` (x0, y0, x1, y1; NaN without a face)."""
-    from ipfacediff.faces import detect_all, face_landmarks, ffhq_quad, crop_matrix, _follow, MAX_GAP
+    from ipfacediff.faces import detect_all, _follow, MAX_GAP
     frames = np.asarray(frames)
     if frames.ndim == 3: frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -42,7 +52,7 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
     n = len(frames)
     if n == 0: raise UserError("no frames to look for a face in")
     ref = None if reference_boxes is None else np.asarray(reference_boxes, np.float64)
-    boxes, crops = np.full((n, 4), np.nan), []
+    boxes = np.full((n, 4), np.nan)
     all_found = detect_all(frames, progress=progress)                   # on all CPUs
     followed = _follow(all_found, MAX_GAP)[0]                           # the face `track_faces` follows
     for i in tqdm(range(n), desc='faces', disable=not progress, leave=False):
@@ -52,15 +62,12 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
             ious = [_iou(hint, b) for b in found]
             best = found[int(np.argmax(ious))] if ious and max(ious) > 0.3 else None
         else: best = None if followed[i] is None else found[followed[i]]
-        if best is None: continue
-        c, x = ffhq_quad(face_landmarks(frames[i], best))
-        crops.append(_crop(frames[i], crop_matrix(c, x, size), size))
-        boxes[i] = best
+        if best is not None: boxes[i] = best
     det = np.isfinite(boxes[:, 0])
     if not det.any():
         raise UserError(f"no face found in any of the {n} frames" + (" where the original shows one" if ref is not None else "") +
                         ": give a video with a clearly visible, roughly frontal face (at least ~80 px wide)")
-    return np.stack(crops), det, boxes
+    return crops_at(frames, boxes, size), det, boxes
 
 def _scale_boxes(boxes, src_hw, dst_hw) -> np.ndarray:
     "Face boxes (x0, y0, x1, y1) found in frames of size `src_hw` (H, W), moved onto frames of size `dst_hw` (an edit at another resolution)."
@@ -767,11 +774,11 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             v['clip_direction'] = None
             if clip is not None and both.any():           # frames where the original and the edit both show a face
                 with timer('clip direction'):
-                    # the original's crops once per video (frame by frame, in order: the first nmin equal face_crops(of[:nmin]))
-                    if n not in clip_orig_cache: clip_orig_cache[n] = face_crops(of)
-                    crops_o, det_o, b_o = clip_orig_cache[n]
-                    det_o, b_o = det_o[:nmin], b_o[:nmin]
-                    crops_e, det_e, _ = face_crops(ef[:nmin], reference_boxes=to_edit(b_o))
+                    # at the faces the identity metrics found (no second detection): the original's once per video
+                    b_o, b_e = o_emb[r0].boxes, e_emb[r0].boxes[:nmin]
+                    if n not in clip_orig_cache: clip_orig_cache[n] = crops_at(of, b_o)
+                    crops_o, det_o = clip_orig_cache[n], np.isfinite(b_o[:nmin, 0])
+                    crops_e, det_e = crops_at(ef[:nmin], b_e), np.isfinite(b_e[:, 0])
                     ie, io_ = np.cumsum(det_e) - 1, np.cumsum(det_o) - 1
                     idx = np.flatnonzero(det_e & det_o)
                     if len(idx): v['clip_direction'] = clip_direction_score(crops_e[ie[idx]], crops_o[io_[idx]], prompt, source_prompt, clip,

@@ -158,7 +158,8 @@ def resolve_device(device: str | torch.device | None = 'auto') -> torch.device:
     if dev.type == 'cuda' and dev.index is not None:
         n = torch.cuda.device_count()
         if dev.index >= n: raise UserError(f"device {device} does not exist: this machine has {n} CUDA GPU(s), cuda:0 … cuda:{n - 1}")
-        torch.cuda.set_device(dev)      # timers, memory statistics and new tensors without a device argument follow it
+        if int(os.environ.get('WORLD_SIZE', '1')) == 1:   # one process: make it current (accelerate, timers and memory statistics
+            torch.cuda.set_device(dev)                    # use the current GPU); several: each has its own, from the launcher
     return dev
 
 def resolve_dtype(dtype: str | torch.dtype | None = 'auto', device: torch.device | str = 'cpu') -> torch.dtype:

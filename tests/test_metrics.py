@@ -395,9 +395,10 @@ def test_an_edit_at_another_size_is_scored_and_the_clip_path_is_shared(small, mo
     assert v['identity']['dlib']['cosine_distance'] < 0.05 and v['identity']['dlib']['rank'] == 1
     assert v['clip_direction'] is not None and v['tl_id'] is not None
     assert not any('no face' in s for s in msgs), msgs
-    # the original's crops once (identity) + once (CLIP, shared by both methods), the text direction once
+    # faces found once per video, for the identity metrics; CLIP reuses their boxes (no second detection); the text direction once
     assert sum(c == ('text',) for c in calls) == 1
-    assert sum(c[0] == 'crops' and c[2] for c in calls) == 2, calls
+    assert sum(c[0] == 'crops' and c[2] for c in calls) == 1, calls            # the original (was 2: identity, then CLIP)
+    assert sum(c[0] == 'crops' and not c[2] for c in calls) == 2, calls        # each edit, near the original's faces (was 4)
     # the same numbers as the old per-pair path: fresh crops and a fresh text direction for every (method, video)
     monkeypatch.setattr(M, 'face_crops', real_fc)
     co, do, bo = real_fc(of)
