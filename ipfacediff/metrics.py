@@ -461,7 +461,9 @@ def embedder_fingerprint(embedder) -> str:
 
 def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
     from ipfacediff import faces
-    blob = json.dumps({'v': _CACHE_VERSION, 'content': digest, 'recognizer': recognizer, 'detector': faces.tracker_id(), **settings},
+    from ipfacediff.video import DECODE_RULES      # the same file decoded by other rules gives other frames
+    blob = json.dumps({'v': _CACHE_VERSION, 'content': digest, 'recognizer': recognizer, 'detector': faces.tracker_id(),
+                       'decode': DECODE_RULES, **settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -17,7 +17,7 @@ from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_br
                                encode_prompt, vae_encode, vae_decode)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
-from .video import read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices
+from .video import DECODE_RULES, read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices
 from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer, content_hash
 
@@ -361,7 +361,7 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
     from the file `source` are cached, keyed by the file's bytes and the settings that decide the frames and crops."""
     if source is None: return track_faces(frames, size=cfg.size, progress=self.progress), False
     key = cache_key(content_hash(source).encode(), version=TRACK_CACHE_VERSION, tracker=tracker_id(), size=cfg.size, fps=cfg.fps,
-                    max_frames=cfg.max_frames)
+                    max_frames=cfg.max_frames, decode=DECODE_RULES)
     path = self.cache_dir / 'tracks' / f'{key}.npz'
     if path.exists():
         try:

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .utils import UserError, atomic_output
 
 # %% auto #0
-__all__ = ['VideoInfo', 'display_rotation', 'upright', 'check_fps', 'resample_indices', 'check_max_frames', 'read_video',
-           'write_video', 'side_by_side', 'write_side_by_side']
+__all__ = ['DECODE_RULES', 'VideoInfo', 'display_rotation', 'upright', 'check_fps', 'resample_indices', 'check_max_frames',
+           'read_video', 'write_video', 'side_by_side', 'write_side_by_side']
 
 # %% ../nbs/02_video.ipynb #63a21e64
 @dataclass
@@ -139,9 +139,24 @@ def _too_big(path, n: int, w: int, h: int) -> UserError:
 
 _HDR_TRC = (16, 18)     # SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG) transfer characteristics
 
+DECODE_RULES = 2        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
+                        # 2: untagged HD decoded as BT.709, non-square pixels scaled to square)
+
+def _guess_matrix(fr) -> dict:
+    "For an untagged frame, the YUV matrix players assume: BT.709 from 1280 wide or 577 high up, else BT.601 (swscale's default)."
+    return {'src_colorspace': 'ITU709'} if fr.colorspace in (2, 3) and (fr.width >= 1280 or fr.height > 576) else {}
+
+def _square_width(stream) -> int | None:
+    "The width a player shows a frame of `stream` at when its pixels are not square (sample aspect ratio ≠ 1), rounded to even; else None."
+    sar = stream.sample_aspect_ratio
+    if not sar or sar <= 0 or sar == 1: return None
+    w = max(2, 2 * round(stream.width * sar / 2))
+    return None if w == stream.width else w
+
 def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
                progress: bool = True, max_gb: float = 16.0) -> tuple[np.ndarray, VideoInfo]:
-    "Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, at `fps` (or the source's rate), nearest frame to each time."
+    """Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, in square pixels (an anamorphic source is scaled to the
+    width a player shows it at), at `fps` (or the source's rate), nearest frame to each time."""
     fps = None if fps is None else check_fps(fps)
     max_frames, start = check_max_frames(max_frames), _check_start(start)
     container, stream = _open_video(path)
@@ -152,7 +167,9 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
               float(stream.duration * stream.time_base) if stream.duration else None)
         est = max(0, int(round((dur - start) * out_fps))) if dur else (stream.frames or None)
         if max_frames is not None: est = min(est, max_frames) if est else max_frames
-        if est and est * stream.width * stream.height * 3 > max_gb * 2**30: raise _too_big(path, est, stream.width, stream.height)
+        sq_w = _square_width(stream)
+        scale = {} if sq_w is None else {'width': sq_w, 'height': stream.height, 'interpolation': 'BICUBIC'}
+        if est and est * (sq_w or stream.width) * stream.height * 3 > max_gb * 2**30: raise _too_big(path, est, sq_w or stream.width, stream.height)
         stream.thread_type = 'AUTO'
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if start > 0: container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
@@ -162,7 +179,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
         target = lambda: origin + k / out_fps
         bar = tqdm(total=est, desc=f'reading {Path(path).name}', unit='frame', disable=not progress, leave=False)
         def emit(fr):
-            img = upright(fr.to_ndarray(format='rgb24'), rotation)
+            img = upright(fr.to_ndarray(format='rgb24', **_guess_matrix(fr), **scale), rotation)
             if len(buf) and img.shape != buf.a.shape[1:]:
                 raise UserError(f"{path}: the frame size changes from {buf.a.shape[2]}x{buf.a.shape[1]} to {img.shape[1]}x{img.shape[0]} "
                                 f"at frame {len(buf)}: re-encode it at one size")
