@@ -147,3 +147,5 @@ def test_pipeline_edit_latents_unchanged_by_the_cast(shared):
     # every input came back as the very tensor the pipeline gave: the edit is what it was without the cast
     assert len(calls) > 0 and all(calls), f'{calls.count(False)} of {len(calls)} pipeline inputs were copied by the control'
     assert z.dtype == torch.float32
+    with mock.patch.object(AttentionControl, '_to_input', lambda self, t: t): z_nocast = pipe.edit_latents(traj, cfg)
+    assert torch.equal(z, z_nocast)      # z0 is what it is with no cast at all

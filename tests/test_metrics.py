@@ -195,8 +195,19 @@ def test_clip_direction_score_tiny_clip_and_missing_weights(frames):
     from ipfacediff.losses import tiny_clip
     small = np.stack([cv2.resize(f, (64, 64)) for f in frames[:3]])
     assert M.clip_direction_score(small, small, 'a', 'b', clip=tiny_clip(0)) == pytest.approx(0.0, abs=1e-6)
-    s = M.clip_direction_score(np.clip(small.astype(int) + 40, 0, 255).astype(np.uint8), small, 'a bright face', 'a face', clip=tiny_clip(0))
-    assert -1 <= s <= 1
+    clip, bright = tiny_clip(0), np.clip(small.astype(int) + 40, 0, 255).astype(np.uint8)
+    s, per = M.clip_direction_score(bright, small, 'a bright face', 'a face', clip=clip, return_per_frame=True)
+    # by hand: cos(normalise(f_I(edited)) − normalise(f_I(original)), ΔT), with ΔT = text_direction(target, source)
+    from ipfacediff.losses import text_direction
+    enc = lambda x: torch.nn.functional.normalize(clip.encode_image(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255), dim=-1)
+    with torch.no_grad():
+        d_img = torch.nn.functional.normalize(enc(bright) - enc(small), dim=-1)
+        dt = text_direction(clip, 'a bright face', 'a face')[0]
+    np.testing.assert_allclose(per, (d_img @ dt).numpy(), atol=1e-5)
+    assert s == pytest.approx(float(per.mean()))
+    # the sign: along the frame's own image direction the score is 1, against it −1, and swapping the videos flips it
+    assert M.clip_direction_score(bright[:1], small[:1], 'x', 'y', clip=clip, direction=d_img[0]) == pytest.approx(1.0, abs=1e-5)
+    assert M.clip_direction_score(small[:1], bright[:1], 'x', 'y', clip=clip, direction=d_img[0]) == pytest.approx(-1.0, abs=1e-5)
     with pytest.raises(UserError, match='could not load CLIP'):
         M.clip_direction_score(small, small, 'a', 'b', clip='/nonexistent/clip')
 
