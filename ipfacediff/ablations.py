@@ -83,8 +83,10 @@ def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, iden
     if e2: cmd += ['--edit-model', e2]
     if device is not None: cmd += ['--device', str(device)]
     if dtype is not None: cmd += ['--dtype', str(dtype).removeprefix('torch.')]
+    moot = set()                                   # settings `edit` refuses as having no effect in this row
+    if not settings.get('propagation', True): moot |= {'nn_from', 'keyframe_window'} | ({'attn_t', 'conv_t'} if not a.injection else set())
     for k, flag in _EDIT_FLAGS:
-        if not hasattr(d, k): continue             # a setting this version of the pipeline does not have
+        if not hasattr(d, k) or k in moot: continue   # a setting this version of the pipeline does not have, or one without effect
         v = settings.get(k, getattr(d, k))
         if k == 'keyframe_window' and v is None: v = 0
         if k in _ALWAYS or v != getattr(d, k): cmd += [flag, str(v)]
@@ -186,10 +188,20 @@ def _table(rows: dict, metrics: dict | None, rec: str, smoke: bool) -> str:
     return '\n'.join(lines + notes) + '\n'
 
 # %% ../nbs/11_ablations.ipynb #f8473957
+def _check_study_input(video, grid_frames: int):
+    "The input video and the grid size of a study, checked before any work (the study's folder is evaluated by file extension)."
+    from ipfacediff.metrics import VIDEO_EXTS
+    video = Path(video)
+    if video.is_dir(): raise UserError(f"input video {video} is a folder: give one video file")
+    if not video.is_file(): raise UserError(f"input video {video} does not exist")
+    if video.suffix.lower() not in VIDEO_EXTS:
+        raise UserError(f"{video} is not named as a video file ({', '.join(VIDEO_EXTS)}): the study's edits are found by extension; rename or convert it")
+    if grid_frames < 1: raise UserError(f"--grid-frames must be at least 1, got {grid_frames}")
+
 def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=None, model: str = DEFAULT_MODEL,
                   configs=None, pipeline_factory=None, recognizers='dlib', gallery=None, grid_frames: int = 6,
                   device='auto', dtype='auto', cache_dir=None, overwrite: bool = False, progress: bool = True,
-                  smoke: bool = False, **settings) -> AblationResult:
+                  smoke: bool = False, finish=None, **settings) -> AblationResult:
     """Run the §5.6 configurations `configs` (default: all of `ABLATIONS`) on `video` with `prompt`, evaluate them, write `out_dir`.
     `settings` are `EditConfig` fields (size, steps, inversion_steps, max_frames, fps, seed, ...). `pipeline_factory(eps1, eps2)`
     (None or a branch path each) builds a pipeline; default `IPFaceDiffPipeline.from_pretrained(model, eps1, eps2, ...)`."""
@@ -197,10 +209,8 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     from ipfacediff.metrics import StageTimer, atomic_dir, list_media, _parse_recognizers, evaluate, VIDEO_EXTS
     # ---- everything that can be checked before any work ----
     video, out = Path(video), Path(out_dir)
-    if not video.is_file(): raise UserError(f"input video {video} does not exist")
-    if video.suffix.lower() not in VIDEO_EXTS: raise UserError(f"{video} is not a video file ({', '.join(VIDEO_EXTS)})")
+    _check_study_input(video, grid_frames)
     if 'identity_injection' in settings: raise UserError("identity injection is set per configuration: use configs=")
-    if grid_frames < 1: raise UserError(f"--grid-frames must be at least 1, got {grid_frames}")
     base_cfg = EditConfig(prompt, **settings).validate()
     rows = select_ablations(configs)
     specs = {a.name: a.specs(identity_model, edit_model) for a in rows}
@@ -267,6 +277,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
                                                    + (['--max-frames', str(base_cfg.max_frames)] if base_cfg.max_frames else [])),
                        rows=records)
         (tmp / 'ablations.json').write_text(json.dumps(_clean(summary), indent=2, ensure_ascii=False))
+        if finish is not None: finish(tmp)          # last additions, still inside the study's temporary folder
     return AblationResult(out, _clean(records), res, table, t1, t3, out / 'grid.png', edits)
 
 # %% ../nbs/11_ablations.ipynb #67bb64a8
@@ -303,7 +314,7 @@ def run_cli(a) -> AblationResult:
         return _run_cli(a)
 
 def _run_cli(a) -> AblationResult:
-    if not Path(a.video).is_file(): raise UserError(f"input video {a.video} does not exist")
+    _check_study_input(a.video, a.grid_frames)
     s = {k: getattr(a, k) for k in ('steps', 'inversion_steps', 'size', 'max_frames', 'fps', 'seed', 'guidance', 'batch_size', 'source_prompt')}
     for k, v in (_TINY_DEFAULTS if a.tiny else dict(size=512, steps=50)).items():
         if s[k] is None: s[k] = v
@@ -319,6 +330,8 @@ def _run_cli(a) -> AblationResult:
         torch.set_num_threads(1)
         from ipfacediff.pipeline import EditConfig
         EditConfig(a.prompt, **s).validate()
+        from ipfacediff.metrics import _parse_recognizers
+        _parse_recognizers(a.recognizers)                                         # before the branches are fine-tuned
         _prepare_out(out, a.overwrite, [a.video], a.gallery)
         from ipfacediff.pipeline import default_cache_dir
         usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)      # before the branches are fine-tuned
@@ -327,15 +340,14 @@ def _run_cli(a) -> AblationResult:
         work = Path(_tf.mkdtemp(prefix='.ipfacediff-tiny.', dir=out.parent if str(out.parent) else '.'))
         try:
             model, e1, e2 = tiny_branches(work, seed=a.seed or 0, progress=not a.quiet)
+            def finish(tmp):   # the tiny assets join the study, and its recorded commands name them where they will lie
+                shutil.copytree(work, tmp / 'tiny', ignore=shutil.ignore_patterns('faces'))
+                j = _replace_paths(json.loads((tmp / 'ablations.json').read_text()), str(work), str(out / 'tiny'))
+                (tmp / 'ablations.json').write_text(json.dumps(j, indent=2, ensure_ascii=False))
             res = run_ablations(a.video, a.prompt, out, e1, e2, model=str(model), configs=rows, recognizers=a.recognizers, gallery=a.gallery,
                                 grid_frames=a.grid_frames, device='cpu', cache_dir=a.cache_dir, overwrite=a.overwrite,
-                                progress=not a.quiet, smoke=True, **s)
-            shutil.copytree(work, out / 'tiny', ignore=shutil.ignore_patterns('faces'))
+                                progress=not a.quiet, smoke=True, finish=finish, **s)
         finally: shutil.rmtree(work, ignore_errors=True)
-        # the recorded commands name the assets where they now lie
-        j = json.loads((out / 'ablations.json').read_text())
-        j = _replace_paths(j, str(work), str(out / 'tiny'))
-        (out / 'ablations.json').write_text(json.dumps(j, indent=2, ensure_ascii=False))
     else:
         res = run_ablations(a.video, a.prompt, out, e1, e2, model=model, configs=rows, recognizers=a.recognizers, gallery=a.gallery,
                             grid_frames=a.grid_frames, device=device, dtype=a.dtype or 'auto', cache_dir=a.cache_dir,

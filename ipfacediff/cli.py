@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--version']:  # answer without importing torch
         print(f'ipfacediff {__version__}'); return 0
-    parser = build_parser(argv, commands)
+    try: parser = build_parser(argv, commands)     # imports the command's module (torch, diffusers): seconds to Ctrl-C in
+    except KeyboardInterrupt:
+        print('ipfacediff: interrupted', file=sys.stderr); return 130
     args, extra = parser.parse_known_args(argv)
     if extra:                         # blamed on the command only when they came after its name
         cmd = getattr(args, 'command', None)

@@ -33,9 +33,13 @@ def list_images(folder) -> list[str]:
 def read_captions(path) -> dict[str, str]:
     "Read a JSONL caption file into {relative image path: caption}; a `UserError` naming the bad line."
     path = Path(path).expanduser()
+    if path.is_dir(): raise UserError(f"caption file {path} is a folder: pass --captions with a JSONL file")
     if not path.is_file(): raise UserError(f"caption file {path} does not exist: pass --captions with a JSONL file, or caption the images first")
     caps = {}
-    for i, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save the caption file as UTF-8 JSONL") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         try: rec = json.loads(line)
         except json.JSONDecodeError as e: raise UserError(f"{path}:{i} is not JSON ({e.msg}): each line must be {{\"image\": ..., \"caption\": ...}}") from None

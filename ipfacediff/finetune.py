@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .utils import UserError, resolve_device, seeded, inside, check_seed
+from .utils import UserError, resolve_device, seeded, inside, check_seed, check_writable
 from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
@@ -284,6 +284,9 @@ class Finetuner:
         "(checkpoint to resume from or None, whether to empty --out before the run): checks only, nothing is deleted here."
         out, cks = self.out, _checkpoints(self.out)
         if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file: give a folder for the run")
+        anc = out                                 # the run folder is made with its parents: the nearest existing one must take it
+        while not (anc.exists() or anc.is_symlink()) and anc != anc.parent: anc = anc.parent
+        check_writable(anc, '--out')
         busy = out.is_dir() and any(out.iterdir())
         if resume:
             if resume is not True and str(resume) != 'latest':
@@ -540,6 +543,8 @@ def config_from_args(a) -> FinetuneConfig:
     if given: raise UserError(f"--tiny uses tiny random SD and CLIP models: drop {' / '.join(given)}")
     unused = [f'--{k}' for k in _UNUSED_BY[a.mode] if getattr(a, k, None) not in (None, getattr(FinetuneConfig, k))]
     if unused: raise UserError(f"{a.mode} fine-tuning does not use {' / '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
+    if getattr(a, 'lora', True) is False and getattr(a, 'rank', None) is not None:
+        raise UserError("--full fine-tunes the whole UNet and has no LoRA rank: drop --rank")
     if a.resume and a.overwrite: raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     ranged = [f'--{k.replace("_", "-")}' for k in ('t_min', 't_max') if getattr(a, k, None) is not None]
     if a.fixed_t is not None and ranged: raise UserError(f"--fixed-t trains at one timestep, so {' / '.join(ranged)} would be ignored: drop one or the other")
@@ -599,5 +604,7 @@ def add_cli(sub):
         rows = ft.train(progress=not a.no_progress)
         if ft.acc.is_main_process:
             last = f"; last loss {rows[-1]['loss']:.4f}" if rows else ''
-            print(f"{cfg.mode} branch at step {ft.step} in {ft.out}{last} (load with load_branch('{ft.out}', unet))")
+            flag = '--identity-model' if cfg.mode == 'identity' else '--edit-model'
+            print(f"{cfg.mode} branch at step {ft.step} in {ft.out}{last}; use it with: ipfacediff edit VIDEO --prompt ... {flag} {ft.out}"
+                  + (' --tiny' if a.tiny else ''))
     p.set_defaults(func=run)

@@ -61,10 +61,8 @@ class EditConfig:
     def validate(self) -> 'EditConfig':
         "Check every setting; a `UserError` that says what to change, else `self`."
         if not self.prompt or not self.prompt.strip(): raise UserError("the prompt is empty: say what to change, e.g. --prompt 'add glasses'")
-        if self.steps < 1: raise UserError(f"--steps must be at least 1, got {self.steps}")
-        try: ddim_timesteps(self.steps)
-        except ValueError as e: raise UserError(f"--steps: {e}") from None
-        if self.inversion_steps < 1: raise UserError(f"--inversion-steps must be at least 1, got {self.inversion_steps}")
+        for flag, n in (('--steps', self.steps), ('--inversion-steps', self.inversion_steps)):   # DDIM's grid on T = 1000 holds 999
+            if not 1 <= n <= 999: raise UserError(f"{flag} must be between 1 and 999 (50 is usual), got {n}")
         if not _grid_contains(self.inversion_steps, self.steps):
             ok = [n for n in (2 * self.steps, 5 * self.steps, 10 * self.steps, 999) if _grid_contains(n, self.steps)]
             raise UserError(f"--inversion-steps {self.inversion_steps} does not give a source latent at every one of the {self.steps} editing "
@@ -385,7 +383,7 @@ def check_outputs(out=None, side_by_side=None, overwrite: bool = False, video=No
     if side_by_side is not None and out is None: raise UserError("a side-by-side video needs the edited one too: give out=")
     for flag, p in (('--out', out), ('--side-by-side', side_by_side)):
         if p is None: continue
-        if Path(p).suffix.lower() not in VIDEO_OUT_EXTS: raise UserError(f"{flag} {p} should be a video file name ending in .mp4")
+        if Path(p).suffix.lower() not in VIDEO_OUT_EXTS: raise UserError(f"{flag} {p} should be a video file name ending in {', '.join(VIDEO_OUT_EXTS)}")
         if isinstance(video, (str, os.PathLike)) and Path(p).resolve() == Path(video).resolve():
             raise UserError(f"{flag} {p} is the input video: the edit would replace it, even with --overwrite; give another name")
         _check_target(Path(p), overwrite, want_dir=False)
@@ -439,9 +437,10 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
     if out is not None:
         with timer('write'), contextlib.ExitStack() as stack:   # both files appear together, or neither
             tmp = [stack.enter_context(atomic_output(p, overwrite)) for p in (out, side_by_side) if p is not None]
-            write_video(tmp[0], full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress)
+            write_video(tmp[0], full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress, label=Path(out).name)
             if side_by_side is not None:
-                write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress)
+                write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress,
+                                   label=Path(side_by_side).name)
     return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(len(frames), cfg, hit), hit,
                       track, Path(out) if out is not None else None, track_hit)
 
@@ -576,6 +575,13 @@ _TINY_DEFAULTS = dict(size=128, steps=10)   # --inversion-steps defaults to --st
 def _settings_from_args(a) -> dict:
     s = {k: getattr(a, k) for k in ('source_prompt', 'negative_prompt', 'steps', 'inversion_steps', 'guidance', 'attn_t', 'conv_t',
                                     'batch_size', 'size', 'fps', 'max_frames', 'seed', 'keyframe_window', 'mask', 'nn_from')}
+    # options that would change nothing: refused, not ignored (τ still opens the source pass for the NN field without injection)
+    moot = [f for f, k in (('--nn-from', 'nn_from'), ('--keyframe-window', 'keyframe_window')) if a.no_propagation and s[k] is not None]
+    moot += [f for f, k in (('--attn-t', 'attn_t'), ('--conv-t', 'conv_t')) if a.no_propagation and a.no_identity_injection and s[k] is not None]
+    if moot: raise UserError(f"{' / '.join(moot)} {'has' if len(moot) == 1 else 'have'} no effect with --no-propagation"
+                             + (' and --no-identity-injection' if any('-t' in f for f in moot) else '') + ": drop " + ('it' if len(moot) == 1 else 'them'))
+    for k, v in (('attn_t', 0.5), ('conv_t', 0.8), ('keyframe_window', 8), ('nn_from', 'edit')):
+        if s[k] is None: s[k] = v
     if s['keyframe_window'] == 0: s['keyframe_window'] = None   # 0: all keyframes in one group
     for k, v in (_TINY_DEFAULTS if a.tiny else dict(size=512, steps=50, inversion_steps=None)).items():
         if s[k] is None: s[k] = v
@@ -643,11 +649,11 @@ def add_cli(sub):
     p.add_argument('--steps', type=int, help='DDIM editing steps (default 50; 10 with --tiny)')
     p.add_argument('--inversion-steps', type=int, help='DDIM inversion steps whose grid contains the editing grid, e.g. 100, 250, 500 or 999 for 50 steps (default: --steps)')
     p.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale w: ε = ε_neg + w (ε_prompt − ε_neg)')
-    p.add_argument('--attn-t', type=float, default=0.5, help='τ_attn: fraction of steps with ε1 Q,K injection')
-    p.add_argument('--conv-t', type=float, default=0.8, help='τ_conv: fraction of steps with ε1 resnet injection')
+    p.add_argument('--attn-t', type=float, help='τ_attn: fraction of steps with ε1 Q,K injection (default 0.5)')
+    p.add_argument('--conv-t', type=float, help='τ_conv: fraction of steps with ε1 resnet injection (default 0.8)')
     p.add_argument('--batch-size', type=int, default=8, help='frames per batch (one keyframe each)')
-    p.add_argument('--keyframe-window', type=int, default=8, help='most keyframes in one extended-attention group (0: all, quadratic in the length)')
-    p.add_argument('--nn-from', default='edit', choices=('edit', 'source'),
+    p.add_argument('--keyframe-window', type=int, help='most keyframes in one extended-attention group (default 8; 0: all, quadratic in the length)')
+    p.add_argument('--nn-from', choices=('edit', 'source'),
                    help="NN field after the injection window: ε2's own tokens (edit, default: no ε1 pass there) or an ε1 source pass every step (source, TokenFlow's way)")
     p.add_argument('--fps', type=float, help='resample the input to this frame rate')
     p.add_argument('--max-frames', type=int, help='edit only the first N frames (after --fps resampling)')

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['UserError', 'data_dir', 'data_path', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
+__all__ = ['UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
            'check_report_folder', 'check_seed', 'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype',
            'seed_everything', 'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
 
@@ -41,12 +41,18 @@ def _check_target(path: Path, overwrite: bool, want_dir: bool, name: str = 'outp
         raise UserError(f"{path} is a {'file' if want_dir else 'folder'}: give a {'folder' if want_dir else 'file'} path for the {what}")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: choose another {name} or pass --overwrite")
-    parent = path.parent if str(path.parent) else Path('.')
-    if not parent.is_dir():
-        raise UserError(f"the folder {parent} does not exist: create it first or choose another {name}")
-    if not os.access(parent, os.W_OK | os.X_OK):        # found now, not after the work, at the final rename
-        raise UserError(f"cannot write to the folder {parent}: choose another {name}")
-    return parent
+    return check_writable(path.parent if str(path.parent) else Path('.'), name)
+
+def check_writable(folder: Path, name: str = 'output path') -> Path:
+    "`folder`, after refusing one that outputs cannot be written to — found now, not at the final rename after the work."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir(): raise UserError(f"{folder} is a file, not a folder: choose another {name}")
+    if not folder.is_dir(): raise UserError(f"the folder {folder} does not exist: create it first or choose another {name}")
+    try:                                                 # a real write: permissions, read-only mounts, root on /sys
+        if not os.access(folder, os.W_OK | os.X_OK): raise PermissionError(13, 'Permission denied')
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.ipfacediff-probe-'): pass
+    except OSError as e: raise UserError(f"cannot write to the folder {folder} ({e.strerror or e}): choose another {name}") from None
+    return folder
 
 @contextlib.contextmanager
 def atomic_output(path, overwrite: bool = False):

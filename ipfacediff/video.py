@@ -92,6 +92,7 @@ def check_fps(fps, what: str = 'fps') -> float:
     try: f = float(fps)
     except (TypeError, ValueError): f = math.nan
     if not (math.isfinite(f) and f > 0): raise UserError(f"{what} must be a finite number above 0 (frames per second), got {fps!r}")
+    if f < 0.01: raise UserError(f"{what} {f:g} is below 0.01 frames per second (one frame in 100 s): give a higher rate")
     return f
 
 def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
@@ -277,8 +278,8 @@ def _yuv709(rgb: np.ndarray):
     return f
 
 def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, overwrite: bool = False,
-                crf: int = 18, preset: str = 'medium', progress: bool = True) -> Path:
-    "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic."
+                crf: int = 18, preset: str = 'medium', progress: bool = True, label: str | None = None) -> Path:
+    "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic. `label`: the bar's file name."
     h, w = _check_frames(frames)
     rate = fps if isinstance(fps, Fraction) else Fraction(check_fps(fps)).limit_denominator(1001)
     if rate <= 0: raise UserError(f"fps must be a finite number above 0 (frames per second), got {fps!r}")
@@ -286,7 +287,8 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
     ph, pw = h + h % 2, w + w % 2
     path = Path(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
-        with av.open(str(tmp), 'w', options={'movflags': '+faststart'}) as c:
+        mov = path.suffix.lower() in ('.mp4', '.m4v', '.mov')          # the index-first flag exists for QuickTime-family files only
+        with av.open(str(tmp), 'w', options={'movflags': '+faststart'} if mov else {}) as c:
             vs = c.add_stream('libx264', rate=rate, options={'crf': str(crf), 'preset': preset})
             vs.width, vs.height, vs.pix_fmt = pw, ph, 'yuv420p'
             cc = vs.codec_context
@@ -295,7 +297,7 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
                 samples, arate, layout = audio
                 ast = c.add_stream('aac', rate=arate, layout=layout)
                 fsize, apos = 1024, 0
-            for i, f in enumerate(tqdm(frames, desc=f'writing {path.name}', unit='frame', disable=not progress, leave=False)):
+            for i, f in enumerate(tqdm(frames, desc=f'writing {label or path.name}', unit='frame', disable=not progress, leave=False)):
                 f = np.asarray(f)
                 if f.shape[:2] != (h, w): raise ValueError(f"frame {i} is {f.shape[:2]}, frame 0 is {(h, w)}")
                 if (ph, pw) != (h, w): f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode='edge')
@@ -352,7 +354,7 @@ def _label(img, txt: str, x: int, s: float):
     cv2.putText(img, txt, (x0 + pad, y0 + pad + h), font, s, (255, 255, 255), th, cv2.LINE_AA)
 
 def write_side_by_side(path, original, edited, fps, labels=('original', 'edited'), gap: int = 0,
-                       audio_from=None, audio_start: float = 0.0, overwrite: bool = False, progress: bool = True) -> Path:
+                       audio_from=None, audio_start: float = 0.0, overwrite: bool = False, progress: bool = True, label: str | None = None) -> Path:
     "Write `original | edited` as one H.264 video, one frame in memory at a time (see `side_by_side`, `write_video`)."
     return write_video(path, _SideBySide(original, edited, labels, gap), fps, audio_from=audio_from,
-                       audio_start=audio_start, overwrite=overwrite, progress=progress)
+                       audio_start=audio_start, overwrite=overwrite, progress=progress, label=label)

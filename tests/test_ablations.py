@@ -87,6 +87,21 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, m
     assert msg in e and e.count('\n') == 1 and 'Traceback' not in e
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ['cache']) and not out.exists()
 
+@pytest.mark.parametrize('args, msg', [
+    ([str(Path(SAMPLE).parent), '--tiny'], 'is a folder: give one video file'),
+    ([SAMPLE, '--tiny', '--grid-frames', '0'], '--grid-frames must be at least 1'),
+    ([SAMPLE, '--tiny', '--recognizers', 'foo'], "unknown face embedder 'foo'"),
+])
+def test_tiny_checks_before_fine_tuning(tmp_path, capsys, monkeypatch, args, msg):
+    "A --tiny study fine-tunes its branches first: every check that needs no branch comes before that work."
+    import ipfacediff.ablations as A
+    tuned = []
+    monkeypatch.setattr(A, 'tiny_branches', lambda *a, **k: tuned.append(1) or (_ for _ in ()).throw(RuntimeError('fine-tuned')))
+    out = tmp_path / 'study'
+    rc, o, e = inprocess(capsys, monkeypatch, args[0], '--prompt', 'add glasses', '--out', str(out), *args[1:], cache=tmp_path / 'cache')
+    assert rc == 2 and msg in e and e.count('\n') == 1, (o, e)
+    assert not tuned and not out.exists()
+
 def test_never_replaces_a_folder_holding_the_input(tmp_path, capsys, monkeypatch):
     "--overwrite replaces an earlier study, but not one that holds the input video: that would delete it."
     out = tmp_path / 'study'; out.mkdir()

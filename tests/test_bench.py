@@ -164,7 +164,7 @@ def test_adapter_branches_share_forwards():
 @pytest.mark.parametrize('args, msg', [(['--frames', '0'], 'at least 1'),
                                        (['--device', 'cuda'], 'no CUDA GPU'),
                                        (['--size', '100'], 'multiple of 64'),
-                                       (['--steps', '0'], '--steps must be at least 1, got 0'),
+                                       (['--steps', '0'], '--steps must be at least 1, got 0'), (['--steps', '1000'], 'got 1000'),
                                        (['--inversion-steps', '-1'], '--inversion-steps must be at least 1, got -1'),
                                        (['--threads', '0'], '--threads must be at least 1, got 0'),
                                        (['--size', '0'], '--size must be a positive multiple of 64'),

@@ -91,6 +91,8 @@ def test_refuses_to_overwrite(first_run, capsys, monkeypatch):
     ([SAMPLE, '--prompt', '  '], 'prompt is empty'),
     ([SAMPLE, '--prompt', 'x', '--steps', '10', '--inversion-steps', '15'], 'use --inversion-steps 10'),
     ([SAMPLE, '--prompt', 'x', '--size', '100'], 'multiple of 64'),
+    ([SAMPLE, '--prompt', 'x', '--steps', '5000'], '--steps must be between 1 and 999'),
+    ([SAMPLE, '--prompt', 'x', '--fps', '1e-9'], '--fps 1e-09 is below 0.01'),
 ])
 def test_bad_input_exit_2_and_no_file(tmp_path, args, msg, capsys, monkeypatch):
     r = edit_inprocess(capsys, monkeypatch, *args, '--tiny', '--out', str(tmp_path / 'o.mp4'), cache=tmp_path / 'cache')

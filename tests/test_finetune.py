@@ -72,6 +72,13 @@ def test_cli_bad_input_is_one_line_exit_2(faces, tmp_path, capsys):
     assert 'matches none' in capsys.readouterr().err
     assert main(['finetune', 'identity', '--data', str(folder), '--out', str(tmp_path / 'o'), '--tiny', '--size', '60']) == 2
     assert 'multiple of 8' in capsys.readouterr().err
+    (tmp_path / 'latin1.jsonl').write_bytes(b'{"image": "000.png", "caption": "caf\xe9 man"}\n')
+    assert main(['finetune', 'directional', '--data', str(folder), '--captions', str(tmp_path / 'latin1.jsonl'), '--out', str(tmp_path / 'o'), '--tiny']) == 2
+    assert 'is not UTF-8 text' in capsys.readouterr().err
+    (tmp_path / 'afile').write_text('x')
+    assert main(['finetune', 'identity', '--data', str(folder), '--out', str(tmp_path / 'afile' / 'run'), '--tiny']) == 2
+    assert 'afile is a file, not a folder' in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()
 
 def test_cli_killed_process_resumes_exactly(faces, tmp_path):
     "A real `ipfacediff finetune` process killed with SIGKILL after a checkpoint, resumed with --resume, ends where a straight run ends."
@@ -132,7 +139,8 @@ def test_tiny_is_announced(capsys):
     (['--batch-size', '0'], '--batch-size'), (['--lr', '0'], '--lr must be a positive'), (['--lr', 'nan'], '--lr'), (['--size', '0'], '--size'),
     (['--rank', '0'], '--rank'), (['--lambda2', '-0.5'], '--lambda2'), (['--t-min', '600', '--t-max', '500'], '--t-min'),
     (['--fixed-t', '400'], '--fixed-t 400'), (['--gen-steps', '0'], '--gen-steps'), (['--inversion-steps', '1000'], '--inversion-steps'),
-    (['--warmup-steps', '-2'], '--warmup-steps'), (['--keep-checkpoints', '0'], '--keep-checkpoints'), (['--device', 'tpu'], 'tpu')])
+    (['--warmup-steps', '-2'], '--warmup-steps'), (['--keep-checkpoints', '0'], '--keep-checkpoints'), (['--device', 'tpu'], 'tpu'),
+    (['--full', '--rank', '8'], 'has no LoRA rank: drop --rank')])
 def test_cli_bad_numbers_fail_before_writing(faces, tmp_path, capsys, bad, msg):
     folder, caps, _ = faces
     out = tmp_path / 'run'
