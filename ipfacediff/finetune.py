@@ -351,6 +351,9 @@ class Finetuner:
     def _load_checkpoint(self, ck: Path):
         meta = json.loads((ck / 'state.json').read_text())
         saved = meta.get('config', {})
+        mode = saved.get('mode', meta.get('mode'))
+        if mode is not None and mode != self.cfg.mode:   # first: another mode also reads its data differently (captions)
+            raise UserError(f"checkpoint {ck} is of a fine-tuning run ({mode}): resume it with `ipfacediff finetune {mode} ... --resume`")
         if meta.get('data') is not None and meta['data'] != self._data_id():
             n0, n1 = meta['data'].split(':')[0], len(self.dataset)
             raise UserError(f"checkpoint {ck} was made on another image set ({n0} images with their captions; now {n1}): "

@@ -353,12 +353,23 @@ def _hub_lora(s: str, cache: str, offline: bool) -> Path | None:
                             f"download it once with `hf download {s} --local-dir DIR` and pass DIR") from None
     return None
 
+def _unfinished_run(p: Path) -> str | None:
+    "For a fine-tuning run folder without its final branch yet (stopped, or still running), what to do instead; else None."
+    if not p.is_dir() or (p / 'adapter_config.json').exists() or (p / 'unet').is_dir(): return None
+    try: c = json.loads((p / 'config.json').read_text())
+    except (OSError, ValueError): return None
+    if not (isinstance(c, dict) and c.get('mode') in ('identity', 'directional') and 'lambda1' in c): return None   # a run's, not a UNet's
+    cks = sorted(q for q in (p / 'checkpoints').glob('step_*') if (q / 'adapter_config.json').exists() or (q / 'unet').is_dir())
+    return (f"{p} is a fine-tuning run ({c['mode']}) without its final branch (stopped, or still running): finish it with "
+            f"`ipfacediff finetune {c['mode']} --out {p} --resume` and its other options" + (f", or pass its checkpoint {cks[-1]}" if cks else ''))
+
 def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2DConditionModel:
     "ε1 / ε2 from `spec`: None → `base`; a UNet folder or hub id; or a LoRA (peft folder, diffusers/kohya file or folder, or a hub id of one) merged into a copy of `base`."
     if spec is None or str(spec) in ('', 'base'): return base
     spec = local_branch(spec)
     p = Path(str(spec)).expanduser()
     dev, dt = base.device, base.dtype
+    if (msg := _unfinished_run(p)) is not None: raise UserError(f"{name} {msg}")
     if p.is_dir() and (p / 'adapter_config.json').exists():
         from peft import PeftModel
         try:
@@ -405,6 +416,7 @@ def check_branch(spec, name: str = 'branch') -> None:
     "A `UserError` now, before any work, when `load_branch` could not find `spec` (a missing folder or file, an uncached hub id); its fit to the base is checked when it loads."
     if spec is None or str(spec) in ('', 'base'): return
     p = Path(str(local_branch(spec))).expanduser()
+    if (msg := _unfinished_run(p)) is not None: raise UserError(f"{name} {msg}")
     if p.exists(): _lora_file(p); return        # a folder with several LoRA files is refused now
     if str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
     _unet_source(p, spec, name)              # a hub id: its config must be found (in the cache, offline)

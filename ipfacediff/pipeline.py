@@ -611,7 +611,10 @@ def run_edit(a) -> EditResult:
             if spec in (None, '', 'base'): continue
             if not Path(spec).is_dir():
                 raise UserError(f"with --tiny, {flag} is a folder written by `ipfacediff finetune --tiny`; {spec} is not a folder")
-            try: runs[spec] = json.loads((Path(spec) / 'config.json').read_text())
+            cfg_file = Path(spec) / 'config.json'
+            if not cfg_file.exists() and Path(spec).parent.name == 'checkpoints':   # a checkpoint of a run: the run's settings
+                cfg_file = Path(spec).parent.parent / 'config.json'
+            try: runs[spec] = json.loads(cfg_file.read_text())
             except (OSError, ValueError): raise UserError(f"{flag} {spec} has no readable config.json: give a folder written by `ipfacediff finetune --tiny`") from None
             if not runs[spec].get('tiny'): raise UserError(f"{flag} {spec} was fine-tuned on SD 2.1, not with --tiny: drop --tiny to use it")
         seeds = {r.get('seed', 0) for r in runs.values()}

@@ -31,6 +31,11 @@ def _ft(faces, out, f_arc=None, resume=False, **kw):
     cfg = FinetuneConfig(data=str(folder), captions=str(caps), out=str(out), **{**SMALL, **kw})
     return Finetuner(cfg, comps=tiny_components(0), f_arc=f_arc, dataset=ds, resume=resume)
 
+def test_resume_in_the_other_mode_says_so(faces, f_arc, tmp_path):
+    _ft(faces, tmp_path / 'r', f_arc, mode='identity', steps=1, checkpoint_every=1).train(progress=False)
+    with pytest.raises(UserError, match=r"is of a fine-tuning run \(identity\): resume it with `ipfacediff finetune identity"):
+        _ft(faces, tmp_path / 'r', mode='directional', steps=2, resume=True)
+
 def test_lora_resume_is_exact(faces, f_arc, tmp_path):
     "ε1 with LoRA, sampled t, DDIM inversion, gradient accumulation: straight 5 steps == 3 steps + kill + resume."
     kw = dict(mode='identity', steps=5, grad_accum=2, checkpoint_every=3)
@@ -198,3 +203,10 @@ def test_tiny_branches_drive_a_tiny_edit(faces, f_arc, tmp_path, capsys, monkeyp
         (tmp_path / name / 'config.json').write_text(json.dumps(c))
         assert main([*run, '--out', str(tmp_path / f'{name}.mp4'), '--identity-model', str(tmp_path / 'identity'), '--edit-model', str(tmp_path / name)]) == 2
         assert msg in capsys.readouterr().err and not (tmp_path / f'{name}.mp4').exists()
+    # a run stopped before its final save: one line pointing to --resume and to its checkpoint, which itself drives the edit
+    unf = tmp_path / 'unfinished'; ck = unf / 'checkpoints' / 'step_000002'; ck.mkdir(parents=True)
+    shutil.copy(tmp_path / 'identity' / 'config.json', unf / 'config.json')
+    for f in ('adapter_config.json', 'adapter_model.safetensors'): shutil.copy(tmp_path / 'identity' / f, ck / f)
+    assert main([*run, '--out', str(tmp_path / 'u.mp4'), '--identity-model', str(unf)]) == 2
+    assert f'--resume` and its other options, or pass its checkpoint {ck}' in capsys.readouterr().err
+    assert main([*run, '--out', str(tmp_path / 'ck.mp4'), '--identity-model', str(ck)]) == 0
