@@ -70,7 +70,8 @@ class EditConfig:
         if self.size < 64 or self.size % 64: raise UserError(f"--size must be a multiple of 64 (e.g. 512), got {self.size}")
         if self.batch_size < 1: raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_max_frames(self.max_frames, '--max-frames')
-        if self.fps is not None: check_fps(self.fps, '--fps')
+        if self.fps is not None and check_fps(self.fps, '--fps') < 0.01:
+            raise UserError(f"--fps {self.fps:g} is below 0.01 frames per second (one frame in 100 s): give a higher rate")
         if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
         check_seed(self.seed)
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")

@@ -92,7 +92,6 @@ def check_fps(fps, what: str = 'fps') -> float:
     try: f = float(fps)
     except (TypeError, ValueError): f = math.nan
     if not (math.isfinite(f) and f > 0): raise UserError(f"{what} must be a finite number above 0 (frames per second), got {fps!r}")
-    if f < 0.01: raise UserError(f"{what} {f:g} is below 0.01 frames per second (one frame in 100 s): give a higher rate")
     return f
 
 def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
@@ -180,6 +179,9 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
         target = lambda: origin + k / out_fps
         bar = tqdm(total=est, desc=f'reading {Path(path).name}', unit='frame', disable=not progress, leave=False)
         def emit(fr):
+            if scale and (fr.width, fr.height) != (stream.width, stream.height):   # scaled frames would all look one size
+                raise UserError(f"{path}: the frame size changes from {stream.width}x{stream.height} to {fr.width}x{fr.height} "
+                                f"at frame {len(buf)}: re-encode it at one size")
             img = upright(fr.to_ndarray(format='rgb24', **_guess_matrix(fr), **scale), rotation)
             if len(buf) and img.shape != buf.a.shape[1:]:
                 raise UserError(f"{path}: the frame size changes from {buf.a.shape[2]}x{buf.a.shape[1]} to {img.shape[1]}x{img.shape[0]} "
@@ -281,7 +283,7 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
                 crf: int = 18, preset: str = 'medium', progress: bool = True, label: str | None = None) -> Path:
     "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic. `label`: the bar's file name."
     h, w = _check_frames(frames)
-    rate = fps if isinstance(fps, Fraction) else Fraction(check_fps(fps)).limit_denominator(1001)
+    rate = fps if isinstance(fps, Fraction) else (Fraction(check_fps(fps)).limit_denominator(1001) or Fraction(fps).limit_denominator(2**31 - 1))
     if rate <= 0: raise UserError(f"fps must be a finite number above 0 (frames per second), got {fps!r}")
     audio = _load_audio(audio_from, audio_start, len(frames) / float(rate)) if audio_from is not None else None
     ph, pw = h + h % 2, w + w % 2
