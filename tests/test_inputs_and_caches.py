@@ -225,3 +225,10 @@ def test_inversion_holds_only_the_kept_steps(pipe, sample):
     try: pipe.edit(frames[:2], EditConfig('add glasses', **{**FEW, 'inversion_steps': 20}, seed=3), fps=fps)
     finally: P.ddim_invert = real
     assert seen == [1]
+
+
+def test_crop_pixels_round_trip_exactly():
+    "Every 8-bit level survives uint8 → [-1, 1] → uint8 (the VAE's range and back): rounding, not truncation (½ level darker)."
+    from ipfacediff.pipeline import _to_unit, _to_uint8
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None, None], (1, 256, 1, 3)).copy()
+    assert np.array_equal(_to_uint8(_to_unit(levels)), levels)
