@@ -126,6 +126,13 @@ class FaceTrack:
     frame_from_crop: np.ndarray     # (N, 2, 3) its inverse
 
     def __len__(self): return len(self.landmarks)
+    def covered(self, max_gap: int = MAX_GAP) -> np.ndarray:
+        """`(N,)` bool: the frames where the face's place is known — found there, or inside a gap of at most `max_gap`
+        frames between two frames where it was found. `paste_back` edits these and leaves the others as they are."""
+        ok = np.asarray(self.detected, bool).copy(); idx = np.flatnonzero(ok)
+        for a, b in zip(idx, idx[1:]):
+            if b - a - 1 <= max_gap: ok[a:b] = True
+        return ok
     def crop_landmarks(self) -> np.ndarray:
         "Landmarks in crop pixels `(N, 68, 2)`."
         return np.stack([apply_affine(M, l) for M, l in zip(self.crop_from_frame, self.landmarks)])
@@ -228,7 +235,8 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
         others = int(((~detected) & (n_faces > 0)).sum())
         warnings.warn(f"the tracked face was not found in {(~detected).sum()} of {n} frames" +
                       (f" (in {others} of them only other faces were seen)" if others else "") +
-                      "; its positions there are interpolated from the neighbouring frames")
+                      "; its positions there are interpolated from the neighbouring frames (frames before it is first "
+                      f"found, after it is last found or in gaps over {max_gap} frames are not edited)")
         lms, boxes = _fill_gaps(lms, detected), _fill_gaps(boxes, detected)
     cx = np.array([np.concatenate(ffhq_quad(l)) for l in lms])           # (N, 4): c and x per frame
     raw_c, raw_x = cx[:, :2], cx[:, 2:]
@@ -307,15 +315,28 @@ def face_mask(crop_lm: np.ndarray, size: int, dilate: float = 0.05, feather: flo
     return m
 
 # %% ../nbs/03_faces.ipynb #66400dcf
+def _spans(idx) -> str:
+    "Sorted frame numbers as runs: [0, 1, 2, 7] → '0–2, 7'."
+    runs = np.split(np.asarray(idx), np.flatnonzero(np.diff(idx) > 1) + 1)
+    return ', '.join(f'{r[0]}–{r[-1]}' if len(r) > 1 else f'{r[0]}' for r in runs)
+
 def paste_back(frames, crops, track: FaceTrack, dilate: float = 0.05, feather: float = 0.025, region: str = 'face',
-               return_masks: bool = False, progress: bool = True):
-    "Blend edited `crops` into `frames` through `track.frame_from_crop` with a feathered face mask; uint8 frames."
+               return_masks: bool = False, progress: bool = True, max_gap: int | None = MAX_GAP):
+    """Blend edited `crops` into `frames` through `track.frame_from_crop` with a feathered face mask; uint8 frames.
+    Frames outside `track.covered(max_gap)` (no face found there or near enough on both sides) are left as they are,
+    with a warning; `max_gap=None` pastes into every frame."""
     if not (len(frames) == len(crops) == len(track)):
         raise UserError(f"paste_back needs as many crops ({len(crops)}) as frames ({len(frames)}) and track entries ({len(track)})")
     s, cl = track.size, track.crop_landmarks()
+    skip = np.zeros(len(track), bool) if max_gap is None else ~track.covered(max_gap)
+    if skip.any():
+        warnings.warn(f"{skip.sum()} of {len(skip)} frames are left unedited (frames {_spans(np.flatnonzero(skip))}): the face "
+                      f"was not found there, and not within {max_gap} frames on both sides")
     out, masks = [], []
     for i in tqdm(range(len(frames)), desc='pasting back', unit='frame', disable=not progress, leave=False):
         f = np.asarray(frames[i]); H, W = f.shape[:2]
+        if skip[i]:
+            out.append(f.copy()); masks.append(np.zeros((H, W), np.float32)); continue
         crop = np.asarray(crops[i])
         if crop.shape[:2] != (s, s): crop = cv2.resize(crop, (s, s), interpolation=cv2.INTER_AREA)
         Minv = track.frame_from_crop[i]
