@@ -360,6 +360,10 @@ class Finetuner:
                             f"resume with the same --data and --captions (the folder may have moved)")
         diff = [k for k in _RESUME_KEYS if k in saved and json.loads(json.dumps(getattr(self.cfg, k), default=str)) != saved[k]]
         if diff: raise UserError(f"checkpoint {ck} was made with different settings ({', '.join(f'{k}={saved[k]!r}' for k in diff)}): resume with the same settings")
+        if int(meta.get('step', 0)) > self.cfg.steps:
+            s, before = int(meta['step']), [c for c in _checkpoints(ck.parent.parent) if int(c.name[5:]) <= self.cfg.steps]
+            raise UserError(f"checkpoint {ck} is at step {s}, past --steps {self.cfg.steps}: pass --steps {s} or more to go on"
+                            + (f" (the run at step {before[-1].name[5:].lstrip('0')} is the checkpoint {before[-1]}, a branch as it is)" if before else ''))
         from safetensors.torch import load_file
         m = self.unwrapped
         if self.cfg.lora:
