@@ -189,13 +189,12 @@ def _table(rows: dict, metrics: dict | None, rec: str, smoke: bool) -> str:
 
 # %% ../nbs/11_ablations.ipynb #f8473957
 def _check_study_input(video, grid_frames: int):
-    "The input video and the grid size of a study, checked before any work (the study's folder is evaluated by file extension)."
-    from ipfacediff.metrics import VIDEO_EXTS
+    "The input video (any file `ipfacediff edit` reads: its first frame is read) and the grid size of a study, checked before any work."
+    from ipfacediff.video import read_video
     video = Path(video)
     if video.is_dir(): raise UserError(f"input video {video} is a folder: give one video file")
     if not video.is_file(): raise UserError(f"input video {video} does not exist")
-    if video.suffix.lower() not in VIDEO_EXTS:
-        raise UserError(f"{video} is not named as a video file ({', '.join(VIDEO_EXTS)}): the study's edits are found by extension; rename or convert it")
+    read_video(video, max_frames=1, progress=False)
     if grid_frames < 1: raise UserError(f"--grid-frames must be at least 1, got {grid_frames}")
 
 def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=None, model: str = DEFAULT_MODEL,
@@ -206,7 +205,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     `settings` are `EditConfig` fields (size, steps, inversion_steps, max_frames, fps, seed, ...). `pipeline_factory(eps1, eps2)`
     (None or a branch path each) builds a pipeline; default `IPFaceDiffPipeline.from_pretrained(model, eps1, eps2, ...)`."""
     from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig, default_cache_dir
-    from ipfacediff.metrics import StageTimer, atomic_dir, list_media, _parse_recognizers, evaluate, VIDEO_EXTS
+    from ipfacediff.metrics import StageTimer, atomic_dir, list_media, _parse_recognizers, evaluate
     # ---- everything that can be checked before any work ----
     video, out = Path(video), Path(out_dir)
     _check_study_input(video, grid_frames)

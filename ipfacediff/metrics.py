@@ -368,12 +368,10 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 def _is_image(p: Path) -> bool: return p.is_file() and p.suffix.lower() in IMAGE_EXTS
 
 def list_media(folder) -> dict[str, Path]:
-    "`{name: path}` of the videos, stills and image-sequence folders in `folder` (or of one video/image file)."
+    "`{name: path}` of the videos, stills and image-sequence folders in `folder` (or of one video/image file, any extension)."
     folder = Path(folder)
     if not folder.exists(): raise UserError(f"no such folder: {folder}")
-    if folder.is_file():
-        if folder.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS: return {folder.stem: folder}
-        raise UserError(f"{folder} is neither a video ({', '.join(VIDEO_EXTS)}) nor an image nor a folder of them")
+    if folder.is_file(): return {folder.stem: folder}          # read as an image or a video when loaded (`load_media`)
     items: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith('.'): continue
@@ -667,7 +665,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         with timer('check frame rates'):
             rates = {}
             def rate(p):                    # None: a still or a folder of images (no rate)
-                if p not in rates: rates[p] = load_media(p, max_frames=1, return_fps=True)[1] if Path(p).suffix.lower() in VIDEO_EXTS else None
+                if p not in rates: rates[p] = load_media(p, max_frames=1, return_fps=True)[1]
                 return rates[p]
             for m, items in methods.items():
                 for n, p in items.items():
