@@ -98,12 +98,16 @@ def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, iden
 def crop_metrics(edited_crops, source_crops, embedder, edited_frames=None) -> dict:
     """§5.3 identity of the edited aligned crops against the source crops (frame t against frame t), no face detection:
     cosine distance of the video embeddings (mean of frame embeddings), mean per-frame cosine distance, TL-ID/TG-ID
-    normalised by the source, and the warp error (eq. 7, DIS flow) of `edited_frames` when given."""
+    normalised by the source (None where undefined: one frame, or a source not similar to itself), and the warp error
+    (eq. 7, DIS flow) of `edited_frames` when given."""
     from ipfacediff.metrics import frame_embeddings, cosine_distance, tl_id, tg_id, warp_error
     e, o = frame_embeddings(edited_crops, embedder), frame_embeddings(source_crops, embedder)
+    def ratio(f):
+        try: return f(e, o) if len(e) > 1 else None
+        except UserError: return None
     m = {'cosine_distance': float(cosine_distance(e.mean(0), o.mean(0))),
          'mean_frame_cosine_distance': float(cosine_distance(e, o).mean()),
-         'tl_id': tl_id(e, o) if len(e) > 1 else None, 'tg_id': tg_id(e, o) if len(e) > 1 else None}
+         'tl_id': ratio(tl_id), 'tg_id': ratio(tg_id)}
     m['warp_error'] = warp_error(edited_frames) if edited_frames is not None and len(edited_frames) > 1 else None
     return m
 

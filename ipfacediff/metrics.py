@@ -284,15 +284,19 @@ def _tg_raw(e) -> float:
     S = u @ u.T; iu = np.triu_indices(len(u), 1)
     return float(S[iu].mean())
 
+def _ratio(v: float, r: float, name: str) -> float:
+    if not r > 0: raise UserError(f"{name}: the reference's own similarity is {r:.3g}, not positive, so the ratio means nothing")
+    return v / r
+
 def tl_id(embeddings, reference=None) -> float:
     "STIT's local temporal identity consistency: mean cos of adjacent frames' embeddings, ÷ the same on `reference` if given."
     v = _tl_raw(embeddings)
-    return v / _tl_raw(reference) if reference is not None else v
+    return _ratio(v, _tl_raw(reference), 'TL-ID') if reference is not None else v
 
 def tg_id(embeddings, reference=None) -> float:
     "STIT's global temporal identity consistency: mean cos over all frame pairs, ÷ the same on `reference` if given."
     v = _tg_raw(embeddings)
-    return v / _tg_raw(reference) if reference is not None else v
+    return _ratio(v, _tg_raw(reference), 'TG-ID') if reference is not None else v
 
 # %% ../nbs/10_metrics.ipynb #58c0bc43
 @torch.no_grad()
