@@ -53,7 +53,7 @@ class FinetuneConfig:
     t_min: int = 1
     t_max: int = 1000
     fixed_t: int | None = None             # a fixed inversion depth instead of a sampled t
-    cache_inversions: bool = False         # keep x_t per (image, t) in memory (exact; for fixed_t / small sets)
+    cache_inversions: bool = False         # keep x_t per (image, t) in memory (recomputing equals it up to float rounding; for fixed_t / small sets)
     gen_steps: int = 1                     # 1: one-step x̂0; k > 1: k DDIM steps t → 0
     gradient_checkpointing: bool = False
     embedder: str = 'dlib'                 # f_arc for eq. 5 (any `ipfacediff.embedders.get_embedder` spec)
@@ -222,7 +222,7 @@ def _clear_run(out: Path):
         if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
         else: p.unlink()
 
-LOG_FIELDS = ('step', 'loss', 'part1', 'part2', 't', 'lr', 'seconds')
+LOG_FIELDS = ('step', 'loss', 'part1', 'part2', 't', 'lr', 'seconds')   # loss, parts: means over the step's micro-batches; t: its last one's
 
 # %% ../nbs/06_finetune.ipynb #00222914
 class Finetuner:
@@ -594,7 +594,7 @@ def add_cli(sub):
     p.add_argument('--t-min', type=int, help=f'smallest inversion depth t drawn (default {d.t_min})')
     p.add_argument('--t-max', type=int, help=f'largest inversion depth t drawn (default {d.t_max})')
     p.add_argument('--fixed-t', type=int, default=None, help='a fixed inversion depth (a DDIM grid timestep)')
-    p.add_argument('--cache-inversions', action='store_true', help='keep each x_t in memory (exact; for --fixed-t or a small set)')
+    p.add_argument('--cache-inversions', action='store_true', help='keep each x_t in memory (the same inversion, not an approximation; for --fixed-t or a small set)')
     p.add_argument('--gen-steps', type=int, default=d.gen_steps, help='1: one-step x̂0; k: k DDIM steps')
     p.add_argument('--gradient-checkpointing', action='store_true', help='trade compute for UNet activation memory')
     p.add_argument('--seed', type=int, default=d.seed)
