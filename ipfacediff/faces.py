@@ -235,8 +235,7 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
         others = int(((~detected) & (n_faces > 0)).sum())
         warnings.warn(f"the tracked face was not found in {(~detected).sum()} of {n} frames" +
                       (f" (in {others} of them only other faces were seen)" if others else "") +
-                      "; its positions there are interpolated from the neighbouring frames (frames before it is first "
-                      f"found, after it is last found or in gaps over {max_gap} frames are not edited)")
+                      "; its positions there are interpolated from the neighbouring frames")
         lms, boxes = _fill_gaps(lms, detected), _fill_gaps(boxes, detected)
     cx = np.array([np.concatenate(ffhq_quad(l)) for l in lms])           # (N, 4): c and x per frame
     raw_c, raw_x = cx[:, :2], cx[:, 2:]
@@ -331,7 +330,7 @@ def paste_back(frames, crops, track: FaceTrack, dilate: float = 0.05, feather: f
     skip = np.zeros(len(track), bool) if max_gap is None else ~track.covered(max_gap)
     if skip.any():
         warnings.warn(f"{skip.sum()} of {len(skip)} frames are left unedited (frames {_spans(np.flatnonzero(skip))}): the face "
-                      f"was not found there, and not within {max_gap} frames on both sides")
+                      f"was not found there, and they are not in a gap of at most {max_gap} frames between frames where it was")
     out, masks = [], []
     for i in tqdm(range(len(frames)), desc='pasting back', unit='frame', disable=not progress, leave=False):
         f = np.asarray(frames[i]); H, W = f.shape[:2]
