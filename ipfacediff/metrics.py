@@ -840,11 +840,11 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     return res
 
 # %% ../nbs/10_metrics.ipynb #90f87cc6
-def check_folder(path, flag: str, what: str) -> Path:
-    "A `UserError` unless `path` (given as `flag`) is an existing folder; `what` says what it should hold."
+def check_folder(path, flag: str, what: str, file_ok: bool = False) -> Path:
+    "A `UserError` unless `path` (given as `flag`) is an existing folder (or file, if `file_ok`); `what` says what it should hold."
     p = Path(path)
-    if not p.exists(): raise UserError(f"{flag} {p} does not exist: give the folder of {what}")
-    if not p.is_dir(): raise UserError(f"{flag} {p} is a file: {flag} must be a folder of videos (give the folder of {what})")
+    if not p.exists(): raise UserError(f"{flag} {p} does not exist: give the folder of {what}" + (' or one of them' if file_ok else ''))
+    if not (p.is_dir() or file_ok): raise UserError(f"{flag} {p} is a file: {flag} must be a folder of videos (give the folder of {what})")
     return p
 
 def add_cli(subparsers):
@@ -869,9 +869,9 @@ def add_cli(subparsers):
     p.add_argument('--overwrite', action='store_true')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     def run(a):
-        check_folder(a.original, '--original', 'the original videos')
-        for d in a.edited: check_folder(d, '--edited', 'edited videos')
-        if a.gallery is not None: check_folder(a.gallery, '--gallery', 'gallery videos')
+        check_folder(a.original, '--original', 'the original videos', file_ok=True)
+        for d in a.edited: check_folder(d, '--edited', 'edited videos')     # one folder per method, named by it
+        if a.gallery is not None: check_folder(a.gallery, '--gallery', 'gallery videos', file_ok=True)
         res = evaluate(a.original, a.edited, a.out, gallery=a.gallery, recognizers=a.recognizers, rank_metric=a.rank_metric,
                        flow=a.flow, occlusion_mask=a.occlusion_mask, fps=a.fps, max_frames=a.max_frames, clip=a.clip,
                        prompt=a.prompt, source_prompt=a.source_prompt, cache_dir=a.cache_dir, batch_size=a.batch_size,

@@ -230,7 +230,7 @@ def test_evaluate_checks_settings_before_any_work(tmp_path, capsys, monkeypatch)
              ({'--out': tmp_path / 'orig' / 'clip.mp4', '--overwrite': None}, 'is a file: give a folder path'),
              ({'--cache-dir': tmp_path / 'orig' / 'clip.mp4'}, '--cache-dir'),
              ({'--cache-dir': tmp_path / 'orig' / 'clip.mp4' / 'sub'}, 'is a file (or lies under one): give a folder with --cache-dir'),
-             ({'--original': tmp_path / 'orig' / 'clip.mp4'}, f"--original {tmp_path / 'orig' / 'clip.mp4'} is a file: --original must be a folder of videos"),
+             ({'--edited': tmp_path / 'edited' / 'clip.mp4'}, f"--edited {tmp_path / 'edited' / 'clip.mp4'} is a file: --edited must be a folder of videos"),
              ({'--original': tmp_path / 'nodir'}, f"--original {tmp_path / 'nodir'} does not exist"),
              ({'--edited': tmp_path / 'nodir'}, f"--edited {tmp_path / 'nodir'} does not exist"),
              ({'--gallery': tmp_path / 'nogallery'}, f"--gallery {tmp_path / 'nogallery'} does not exist"),
