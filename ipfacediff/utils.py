@@ -196,13 +196,14 @@ def seeded(seed: int, device='cpu'):
 # %% ../nbs/00a_utils.ipynb #757e9a46
 @torch.no_grad()
 def weights_fingerprint(*modules, skip=None) -> str:
-    "A short hash of the modules' weights (names, shapes, sums), leaving out names where `skip(name)`: changes whenever a weight does."
+    "A short hash of the modules' weights (names, shapes, sums — two over strided positions), leaving out names where `skip(name)`: changes whenever a weight does."
     names, sums = [], []
     for m in modules:
         for n, t in m.state_dict().items():
             if skip is not None and skip(n): continue
             names.append(f"{n.replace('.base_layer.', '.')}{tuple(t.shape)}")   # a LoRA-wrapped layer keeps its base weights under base_layer
-            sums.append(torch.stack([t.double().sum(), t.double().abs().sum()]))
+            x = t.detach().double().flatten()
+            sums.append(torch.stack([x.sum(), torch.linalg.vector_norm(x, 1), x[::2].sum(), x[::3].sum()]))
     sums = torch.stack([v.to(sums[0].device) for v in sums]).cpu().numpy() if sums else []
     h = hashlib.sha256()
     for n, v in zip(names, sums): h.update(n.encode()); h.update(v.tobytes())
