@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, copy, functools, importlib.util, math, queue, warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 import numpy as np, cv2
 from scipy.ndimage import gaussian_filter1d
@@ -16,7 +16,7 @@ from .utils import UserError, cpu_workers
 # %% auto #0
 __all__ = ['MAX_GAP', 'MASK_REGIONS', 'dlib_model_path', 'tracker_id', 'detect_faces', 'face_landmarks', 'ffhq_quad',
            'quad_corners', 'crop_matrix', 'apply_affine', 'FaceTrack', 'detect_all', 'track_faces', 'save_track',
-           'load_track', 'crop_jitter', 'align_faces', 'face_mask', 'paste_back']
+           'load_track', 'crop_jitter', 'align_faces', 'face_mask', 'warn_unedited', 'paste_back']
 
 # %% ../nbs/03_faces.ipynb #3ee73d54
 def dlib_model_path(name: str = 'shape_predictor_68_face_landmarks.dat') -> Path:
@@ -133,6 +133,13 @@ class FaceTrack:
         for a, b in zip(idx, idx[1:]):
             if b - a - 1 <= max_gap: ok[a:b] = True
         return ok
+    def covered_span(self, max_gap: int = MAX_GAP) -> tuple[int, int]:
+        "`(lo, hi)`: from the first to past the last covered frame — the frames an edit has to run on."
+        idx = np.flatnonzero(self.covered(max_gap))
+        return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+    def sub(self, lo: int, hi: int) -> 'FaceTrack':
+        "The track of frames `lo:hi` alone."
+        return replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in fields(self) if f.name not in ('size', 'frame_size')})
     def crop_landmarks(self) -> np.ndarray:
         "Landmarks in crop pixels `(N, 68, 2)`."
         return np.stack([apply_affine(M, l) for M, l in zip(self.crop_from_frame, self.landmarks)])
@@ -319,18 +326,23 @@ def _spans(idx) -> str:
     runs = np.split(np.asarray(idx), np.flatnonzero(np.diff(idx) > 1) + 1)
     return ', '.join(f'{r[0]}–{r[-1]}' if len(r) > 1 else f'{r[0]}' for r in runs)
 
+def warn_unedited(track: FaceTrack, max_gap: int = MAX_GAP):
+    "Warn, naming them, about the frames outside `track.covered(max_gap)`: those `paste_back` leaves as they are."
+    skip = ~track.covered(max_gap)
+    if skip.any():
+        warnings.warn(f"{skip.sum()} of {len(skip)} frames are left unedited (frames {_spans(np.flatnonzero(skip))}): the face "
+                      f"was not found there, and they are not in a gap of at most {max_gap} frames between frames where it was")
+
 def paste_back(frames, crops, track: FaceTrack, dilate: float = 0.05, feather: float = 0.025, region: str = 'face',
-               return_masks: bool = False, progress: bool = True, max_gap: int | None = MAX_GAP):
+               return_masks: bool = False, progress: bool = True, max_gap: int | None = MAX_GAP, warn: bool = True):
     """Blend edited `crops` into `frames` through `track.frame_from_crop` with a feathered face mask; uint8 frames.
     Frames outside `track.covered(max_gap)` (no face found there or near enough on both sides) are left as they are,
-    with a warning; `max_gap=None` pastes into every frame."""
+    with a warning (`warn`); `max_gap=None` pastes into every frame."""
     if not (len(frames) == len(crops) == len(track)):
         raise UserError(f"paste_back needs as many crops ({len(crops)}) as frames ({len(frames)}) and track entries ({len(track)})")
     s, cl = track.size, track.crop_landmarks()
     skip = np.zeros(len(track), bool) if max_gap is None else ~track.covered(max_gap)
-    if skip.any():
-        warnings.warn(f"{skip.sum()} of {len(skip)} frames are left unedited (frames {_spans(np.flatnonzero(skip))}): the face "
-                      f"was not found there, and they are not in a gap of at most {max_gap} frames between frames where it was")
+    if warn and max_gap is not None: warn_unedited(track, max_gap)
     out, masks = [], []
     for i in tqdm(range(len(frames)), desc='pasting back', unit='frame', disable=not progress, leave=False):
         f = np.asarray(frames[i]); H, W = f.shape[:2]

@@ -18,7 +18,7 @@ from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_br
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
 from .video import DECODE_RULES, read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices
-from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, save_track, load_track, MASK_REGIONS
+from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, warn_unedited, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer, content_hash
 
 # %% auto #0
@@ -113,8 +113,8 @@ INVERSION_CACHE_VERSION = 5 # bump when the inversion changes (2: ε asked at th
 class EditResult:
     "What an edit produced and what it cost."
     frames: np.ndarray                 # edited full frames, uint8 (N, H, W, 3)
-    crops: np.ndarray                  # edited aligned crops, uint8 (N, S, S, 3)
-    source_crops: np.ndarray           # the input's aligned crops
+    crops: np.ndarray                  # edited aligned crops, uint8 (M, S, S, 3): of frames span[0]:span[1]
+    source_crops: np.ndarray           # the input's aligned crops, the same frames
     fps: float
     timings: dict
     unet_calls: dict
@@ -123,6 +123,7 @@ class EditResult:
     track: object = None               # the `faces.FaceTrack` used for alignment and paste-back
     out: Path | None = None
     track_cached: bool = False         # the face track came from the cache
+    span: tuple = None                 # (lo, hi): the frames edited, first to last where the face's place is known (all N as a rule)
 
 def _to_unit(crops: np.ndarray, device='cpu') -> torch.Tensor:
     "uint8 (N, S, S, 3) → float (N, 3, S, S) in [-1, 1] on `device` (moved as uint8: a quarter of the bytes)."
@@ -419,7 +420,9 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
             frames = frames[:cfg.max_frames]
     with timer('track/align'):
         track, track_hit = self.face_track(frames, cfg, video if isinstance(video, (str, Path)) else None)
-        crops = align_faces(frames, track, progress=self.progress)
+        lo, hi = track.covered_span()            # frames before the face is first found or after it is last found: not edited
+        part = track if (lo, hi) == (0, len(frames)) else track.sub(lo, hi)
+        crops = align_faces(frames[lo:hi], part, progress=self.progress)
     with timer('encode'): z0 = self.encode_crops(crops, cfg.batch_size)
     with timer('inversion'):                     # finding the cache entry is part of the inversion's cost
         # ε1, the VAE and the text encoder (the source prompt) decide the inversion; with both branches as LoRA adapters on one UNet,
@@ -436,7 +439,10 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
     with timer('decode'): edited = self.decode_latents(z, cfg.batch_size)
-    with timer('paste-back'): full = paste_back(frames, edited, track, region=cfg.mask, progress=self.progress)
+    with timer('paste-back'):
+        warn_unedited(track)
+        full = paste_back(frames[lo:hi], edited, part, region=cfg.mask, progress=self.progress, warn=False)
+        if part is not track: full = np.concatenate([frames[:lo], full, frames[hi:]])
     if out is not None:
         with timer('write'), contextlib.ExitStack() as stack:   # both files appear together, or neither
             tmp = [stack.enter_context(atomic_output(p, overwrite)) for p in (out, side_by_side) if p is not None]
@@ -444,8 +450,8 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
             if side_by_side is not None:
                 write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress,
                                    label=Path(side_by_side).name)
-    return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(len(frames), cfg, hit), hit,
-                      track, Path(out) if out is not None else None, track_hit)
+    return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(hi - lo, cfg, hit), hit,
+                      track, Path(out) if out is not None else None, track_hit, (lo, hi))
 
 IPFaceDiffPipeline.edit = edit
 IPFaceDiffPipeline.__call__ = edit
@@ -632,7 +638,8 @@ def run_edit(a) -> EditResult:
         pipe = IPFaceDiffPipeline.from_pretrained(a.model, a.identity_model, a.edit_model, device=a.device or 'auto',
                                                   dtype=a.dtype or 'auto', cache_dir=a.cache_dir, progress=progress)
     r = pipe.edit(a.input, cfg, out=out, side_by_side=a.side_by_side, overwrite=a.overwrite)
-    print(f'wrote {out}: {len(r.frames)} frames at {r.fps:g} fps')
+    print(f'wrote {out}: {len(r.frames)} frames at {r.fps:g} fps' + ('' if r.span == (0, len(r.frames)) else
+          f' (frames {r.span[0]}–{r.span[1] - 1} edited: the face was not found before or after them)'))
     if a.side_by_side: print(f'wrote {a.side_by_side} (original | edited)')
     print('face track: ' + ('reused from the cache' if r.track_cached else 'computed and cached'))
     print('inversion: ' + ('reused from the cache (0 UNet calls)' if r.cache_hit else f"computed and cached ({r.unet_calls.get('inversion', 0)} UNet calls)"))
