@@ -426,14 +426,12 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
     with timer('encode'): z0 = self.encode_crops(crops, cfg.batch_size)
     with timer('inversion'):                     # finding the cache entry is part of the inversion's cost
         # ε1, the VAE and the text encoder (the source prompt) decide the inversion; with both branches as LoRA adapters on one UNet,
-        # only ε1's adapter counts. Their fingerprint is hashed again only when a tensor was replaced or written in place since.
-        a, nets = self.adapters, (self.eps1, self.c.vae, self.c.text_encoder)
-        now = (a and a.eps1, [(t.data_ptr(), t._version) for m in nets for t in m.state_dict(keep_vars=True).values()])
-        if getattr(self, '_weights_at', None) != now:
-            skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
-            self._weights_key, self._weights_at = weights_fingerprint(*nets, skip=skip), now
+        # only ε1's adapter counts. Hashed at every edit: the weights may have changed since the last one.
+        a = self.adapters
+        skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
+        weights = weights_fingerprint(self.eps1, self.c.vae, self.c.text_encoder, skip=skip)
         abar = hashlib.sha256(self.c.scheduler.alphas_cumprod.double().cpu().numpy().tobytes()).hexdigest()[:16]   # the noise schedule
-        key = cache_key(crops, version=INVERSION_CACHE_VERSION, weights=f'{self._weights_key}:{abar}',   # not names: `./e1` and `/abs/e1` are one ε1
+        key = cache_key(crops, version=INVERSION_CACHE_VERSION, weights=f'{weights}:{abar}',   # not names: `./e1` and `/abs/e1` are one ε1
                         steps=cfg.inversion_steps, kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size,
                         batch=cfg.batch_size)
         traj, hit = self.invert(z0, cfg, key)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00a_utils.ipynb #99ea2755
 from __future__ import annotations
-import contextlib, functools, hashlib, importlib.util, os, shutil, tempfile, random
+import contextlib, copy, functools, hashlib, importlib.util, os, shutil, tempfile, random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, torch
 
@@ -194,19 +195,18 @@ def seeded(seed: int, device='cpu'):
         yield
 
 # %% ../nbs/00a_utils.ipynb #757e9a46
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    "SHA-256 of a tensor's bytes (on the host; bfloat16 has no NumPy type, so its bytes are read as uint8)."
+    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()).digest()
+
 @torch.no_grad()
-def weights_fingerprint(*modules, skip=None) -> str:
-    "A short hash of the modules' weights (names, shapes, sums — two over strided positions), leaving out names where `skip(name)`: changes whenever a weight does."
-    names, sums = [], []
-    for m in modules:
-        for n, t in m.state_dict().items():
-            if skip is not None and skip(n): continue
-            names.append(f"{n.replace('.base_layer.', '.')}{tuple(t.shape)}")   # a LoRA-wrapped layer keeps its base weights under base_layer
-            x = t.detach().double().flatten()
-            sums.append(torch.stack([x.sum(), torch.linalg.vector_norm(x, 1), x[::2].sum(), x[::3].sum()]))
-    sums = torch.stack([v.to(sums[0].device) for v in sums]).cpu().numpy() if sums else []
+def weights_fingerprint(*modules, skip=None, workers: int | None = None) -> str:
+    "A short hash of the modules' weights (names, shapes, dtypes, bytes), leaving out names where `skip(name)`: changes whenever a weight does."
+    items = [(n, t) for m in modules for n, t in m.state_dict().items() if skip is None or not skip(n)]
+    with ThreadPoolExecutor(cpu_workers(workers)) as ex: digests = list(ex.map(_tensor_digest, [t for _, t in items]))   # hashlib lets go of the GIL
     h = hashlib.sha256()
-    for n, v in zip(names, sums): h.update(n.encode()); h.update(v.tobytes())
+    for (n, t), d in zip(items, digests):
+        h.update(f"{n.replace('.base_layer.', '.')}{tuple(t.shape)}{t.dtype}".encode()); h.update(d)   # a LoRA-wrapped layer keeps its base weights under base_layer
     return h.hexdigest()[:16]
 
 # %% ../nbs/00a_utils.ipynb #3ca48327

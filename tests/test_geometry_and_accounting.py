@@ -93,19 +93,23 @@ def test_face_track_cache_key_holds_the_fps(tmp_path):
     assert hits == [False, False]
     assert len(list((tmp_path / 'tracks').glob('*.npz'))) == 2
 
-def test_inversion_cache_key_holds_the_dtype(tmp_path):
-    "An inversion cached by a float32 pipeline is not reused by a float64 one with the same weights (the trajectory is kept in the networks' dtype)."
+def test_inversion_cache_key_holds_the_dtype(tmp_path, monkeypatch):
+    "The inversion cache key names the networks' dtype (the trajectory is kept in it): a float64 run never takes a float32 run's entry."
+    import ipfacediff.pipeline as P
     from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig
     from ipfacediff.bench import sample_frames
+    keys, real = [], P.cache_key
+    monkeypatch.setattr(P, 'cache_key', lambda *a, **k: keys.append(k) or real(*a, **k))
     clip, fps = sample_frames(2)
     cfg = EditConfig('add glasses', size=64, steps=1, inversion_steps=1)
     p32 = IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path, progress=False)
     p64 = IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path, progress=False)
-    p64.c.to(dtype=torch.float64)                                     # float32 → float64 is exact: the weights' fingerprint stays
+    p64.c.to(dtype=torch.float64)
     assert p64.c.dtype == torch.float64
     assert not p32.edit(clip, cfg, fps=fps).cache_hit
     assert p32.edit(clip, cfg, fps=fps).cache_hit                      # the cache works at all
     assert not p64.edit(clip, cfg, fps=fps).cache_hit
+    assert [k['dtype'] for k in keys] == ['torch.float32'] * 2 + ['torch.float64']
     assert len(list((tmp_path / 'inversion').glob('*.pt'))) == 2
 
 
