@@ -128,10 +128,14 @@ class FaceTrack:
     def __len__(self): return len(self.landmarks)
     def covered(self, max_gap: int = MAX_GAP) -> np.ndarray:
         """`(N,)` bool: the frames where the face's place is known — found there, or inside a gap of at most `max_gap`
-        frames between two frames where it was found. `paste_back` edits these and leaves the others as they are."""
+        frames between two frames where it was found, over which it moved at most half its crop's side per frame (the
+        smoothing's jump rule) and kept its size within 1.5× (the tracker's rule): else it went elsewhere — a cut, another
+        person. `paste_back` edits these only."""
         ok = np.asarray(self.detected, bool).copy(); idx = np.flatnonzero(ok)
+        c = self.raw_quads.mean(1); half = np.linalg.norm(self.raw_quads[:, 3] - self.raw_quads[:, 0], axis=-1) / 2
         for a, b in zip(idx, idx[1:]):
-            if b - a - 1 <= max_gap: ok[a:b] = True
+            if b - a - 1 <= max_gap and np.linalg.norm(c[b] - c[a]) <= (b - a) * half[a] and 1 / 1.5 <= half[b] / half[a] <= 1.5:
+                ok[a:b] = True
         return ok
     def covered_span(self, max_gap: int = MAX_GAP) -> tuple[int, int]:
         "`(lo, hi)`: from the first to past the last covered frame — the frames an edit has to run on."
