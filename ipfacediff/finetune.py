@@ -363,7 +363,7 @@ class Finetuner:
         if int(meta.get('step', 0)) > self.cfg.steps:
             s, before = int(meta['step']), [c for c in _checkpoints(ck.parent.parent) if int(c.name[5:]) <= self.cfg.steps]
             raise UserError(f"checkpoint {ck} is at step {s}, past --steps {self.cfg.steps}: pass --steps {s} or more to go on"
-                            + (f" (the run at step {before[-1].name[5:].lstrip('0')} is the checkpoint {before[-1]}, a branch as it is)" if before else ''))
+                            + (f" (to use the run as it was at step {before[-1].name[5:].lstrip('0')}, pass its checkpoint {before[-1]} as the branch)" if before else ''))
         from safetensors.torch import load_file
         m = self.unwrapped
         if self.cfg.lora:
@@ -403,7 +403,7 @@ class Finetuner:
             run = lambda z, c: invert_to(z, lambda x, s: f(x, s, c), t, cfg.inversion_steps, self.abar)
             if not cfg.cache_inversions: return run(z0, cond)
             out = []
-            for k, i in enumerate(idx):           # one image at a time: cached and fresh x_t are bitwise equal
+            for k, i in enumerate(idx):           # one image at a time: the same x_t, whichever batch asks for it
                 key = (int(i), int(t))
                 if key not in self._cache: self._cache[key] = run(z0[k:k + 1], cond[k:k + 1]).cpu()
                 out.append(self._cache[key].to(y0.device))

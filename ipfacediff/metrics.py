@@ -658,8 +658,9 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             items = list_media(d)
             missing = [n for n in items if n not in originals]
             if missing and Path(original).is_file():
-                raise UserError(f"--original {original} is a single file, not a folder of videos: put the originals in a folder "
-                                f"and pass that (edits are paired with the originals by file name)")
+                raise UserError(f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} in {d} is not an edit of --original "
+                                f"{original} (edits are paired with originals by file name; that one is named {Path(original).stem!r}): "
+                                f"--original is a single file, not a folder of videos — pass a folder of its edits only, or a folder of the originals")
             if missing:
                 raise UserError(f"{len(missing)} edited item(s) in {d} have no original of the same name in {original}: "
                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (items are paired by file name without extension)")
@@ -852,9 +853,9 @@ def add_cli(subparsers):
     p = subparsers.add_parser('evaluate', help="identity (cos. distance, R@1, MRR) and temporal (warp error) metrics of edited videos",
                               description="Pair the videos of --original and --edited by file name and write metrics.json, "
                                           "Markdown tables like the paper's Tables 1 and 3, per-video CSVs and plots to --out.")
-    p.add_argument('--original', required=True, help='folder of original videos (mp4 ..., stills, or folders of frames)')
+    p.add_argument('--original', required=True, help='folder of original videos (mp4 ..., stills, or folders of frames), or one video')
     p.add_argument('--edited', required=True, nargs='+', help='folder(s) of edited videos, one per method, same names as the originals')
-    p.add_argument('--gallery', default=None, help='extra folder of videos to rank the originals among (R@1, MRR)')
+    p.add_argument('--gallery', default=None, help='extra folder of videos (or one video) to rank the originals among (R@1, MRR)')
     p.add_argument('--recognizers', default='dlib', help="comma-separated face recognizers of ipfacediff.embedders; NAME=PATH for weights (default: dlib)")
     p.add_argument('--rank-metric', default='euclidean', choices=['euclidean', 'cosine'])
     p.add_argument('--flow', default='dis', choices=list(FLOW_METHODS), help='optical flow for the warp error (raft needs torchvision + weights)')
