@@ -284,19 +284,21 @@ def _tg_raw(e) -> float:
     S = u @ u.T; iu = np.triu_indices(len(u), 1)
     return float(S[iu].mean())
 
-def _ratio(v: float, r: float, name: str) -> float:
+def _ratio(v: float, reference, raw, name: str) -> float:
+    try: r = raw(reference)
+    except UserError as e: raise UserError(f"{e} in the reference (the original), so there is nothing to normalise by") from None
     if not r > 0: raise UserError(f"{name}: the reference's own similarity is {r:.3g}, not positive, so the ratio means nothing")
     return v / r
 
 def tl_id(embeddings, reference=None) -> float:
     "STIT's local temporal identity consistency: mean cos of adjacent frames' embeddings, ÷ the same on `reference` if given."
     v = _tl_raw(embeddings)
-    return _ratio(v, _tl_raw(reference), 'TL-ID') if reference is not None else v
+    return _ratio(v, reference, _tl_raw, 'TL-ID') if reference is not None else v
 
 def tg_id(embeddings, reference=None) -> float:
     "STIT's global temporal identity consistency: mean cos over all frame pairs, ÷ the same on `reference` if given."
     v = _tg_raw(embeddings)
-    return _ratio(v, _tg_raw(reference), 'TG-ID') if reference is not None else v
+    return _ratio(v, reference, _tg_raw, 'TG-ID') if reference is not None else v
 
 # %% ../nbs/10_metrics.ipynb #58c0bc43
 @torch.no_grad()
@@ -604,6 +606,9 @@ def _tables(res: dict) -> tuple[str, str]:
                   f"{_fmt(v['tl_id'], 3)} | {_fmt(v['tg_id'], 3)} |" + (f" {_fmt(v.get('clip_direction'), 3)} |" if has_clip else ''))
     t3.append("\n*Warp error: eq. 7, mean ℓ1 on [0, 1] pixels between W(I_t, o_t) and I_{t+1}; TL-ID / TG-ID as STIT, "
               "normalised by the original video (1 = as consistent as the original). MOS (Table 3's third column) is a user study, not measured.*")
+    if any(_fmt(v[k]) == '—' for v in methods.values() for k in ('tl_id', 'tg_id')):
+        t3.append("\n*— under TL-ID or TG-ID: no video of that method had the frames it needs (a still has no frame pairs; "
+                  "for a video, metrics.json's warnings say why).*")
     return '\n'.join(t1) + '\n', '\n'.join(t3) + '\n'
 
 def _plots(res: dict, per_frame: dict, out: Path):
@@ -775,7 +780,9 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             r0 = recs[0]
             for k, f in (('tl_id', tl_id), ('tg_id', tg_id)):   # each on its own: no adjacent pair for TL-ID can leave TG-ID valid
                 try: v[k] = f(e_emb[r0].frames, o_emb[r0].frames)
-                except UserError: v[k] = None
+                except UserError as e:                     # a still has no frame pairs: blank without a warning
+                    v[k] = None
+                    if face and len(ef) > 1: warn(f"{m}/{n}: {k.upper().replace('_', '-')} left blank (—) because {e}")
             v['clip_direction'] = None
             if clip is not None and both.any():           # frames where the original and the edit both show a face
                 with timer('clip direction'):

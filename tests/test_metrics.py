@@ -455,6 +455,9 @@ def test_tg_id_is_kept_when_tl_id_has_no_adjacent_pair(small):
     assert any('no face found in 3 of 6' in str(c.message) for c in caught)
     v = res['methods']['gappy']['videos']['clip']
     assert v['tl_id'] is None and v['tg_id'] == pytest.approx(1, abs=0.05)        # was: both None
+    assert any('TL-ID left blank (—) because TL-ID needs two adjacent frames with a face' in str(c.message) for c in caught)
+    assert not any('TG-ID left blank' in str(c.message) for c in caught)
+    assert 'no video of that method had the frames it needs' in (w / 'r_gappy' / 'table3.md').read_text()   # says why the — is there
     assert res['methods']['gappy']['tg_id'] == pytest.approx(v['tg_id'])
 
 
