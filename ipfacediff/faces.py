@@ -124,26 +124,28 @@ class FaceTrack:
     quads: np.ndarray               # (N, 4, 2) smoothed quads: the crops actually cut
     crop_from_frame: np.ndarray     # (N, 2, 3) affine frame pixels → crop pixels
     frame_from_crop: np.ndarray     # (N, 2, 3) its inverse
+    max_gap: int = MAX_GAP          # the longest gap `track_faces` followed the face across: `covered`'s default
 
     def __len__(self): return len(self.landmarks)
-    def covered(self, max_gap: int = MAX_GAP) -> np.ndarray:
+    def covered(self, max_gap: int | None = None) -> np.ndarray:
         """`(N,)` bool: the frames where the face's place is known — found there, or inside a gap of at most `max_gap`
-        frames between two frames where it was found, over which it moved at most half its crop's side per frame (the
-        smoothing's jump rule) and kept its size within 1.5× (the tracker's rule): else it went elsewhere — a cut, another
-        person. `paste_back` edits these only."""
+        (default: the track's own) frames between two frames where it was found, over which it moved at most half its
+        crop's side per frame (the smoothing's jump rule) and kept its size within 1.5× (the tracker's rule): else it went
+        elsewhere — a cut, another person. `paste_back` edits these only."""
+        if max_gap is None: max_gap = self.max_gap
         ok = np.asarray(self.detected, bool).copy(); idx = np.flatnonzero(ok)
         c = self.raw_quads.mean(1); half = np.linalg.norm(self.raw_quads[:, 3] - self.raw_quads[:, 0], axis=-1) / 2
         for a, b in zip(idx, idx[1:]):
             if b - a - 1 <= max_gap and np.linalg.norm(c[b] - c[a]) <= (b - a) * half[a] and 1 / 1.5 <= half[b] / half[a] <= 1.5:
                 ok[a:b] = True
         return ok
-    def covered_span(self, max_gap: int = MAX_GAP) -> tuple[int, int]:
+    def covered_span(self, max_gap: int | None = None) -> tuple[int, int]:
         "`(lo, hi)`: from the first to past the last covered frame — the frames an edit has to run on."
         idx = np.flatnonzero(self.covered(max_gap))
         return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
     def sub(self, lo: int, hi: int) -> 'FaceTrack':
         "The track of frames `lo:hi` alone."
-        return replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in fields(self) if f.name not in ('size', 'frame_size')})
+        return replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in fields(self) if f.name not in ('size', 'frame_size', 'max_gap')})
     def crop_landmarks(self) -> np.ndarray:
         "Landmarks in crop pixels `(N, 68, 2)`."
         return np.stack([apply_affine(M, l) for M, l in zip(self.crop_from_frame, self.landmarks)])
@@ -256,7 +258,8 @@ def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int 
     M = np.stack([crop_matrix(ci, xi, size) for ci, xi in zip(c, x)])
     Minv = np.stack([cv2.invertAffineTransform(m) for m in M])
     return FaceTrack(size=size, frame_size=(H, W), landmarks=lms, boxes=boxes, detected=detected, n_faces=n_faces,
-                     raw_quads=quad_corners(raw_c, raw_x), quads=quad_corners(c, x), crop_from_frame=M, frame_from_crop=Minv)
+                     raw_quads=quad_corners(raw_c, raw_x), quads=quad_corners(c, x), crop_from_frame=M, frame_from_crop=Minv,
+                     max_gap=max_gap)
 
 # %% ../nbs/03_faces.ipynb #b5b98f59
 def save_track(track: FaceTrack, path) -> Path:
@@ -268,7 +271,9 @@ def load_track(path) -> FaceTrack:
     "Read a `FaceTrack` written by `save_track`."
     with np.load(path) as z:
         d = {k: z[k] for k in z.files}
-    return FaceTrack(**{**d, 'size': int(d['size']), 'frame_size': tuple(int(v) for v in d['frame_size'])})
+    scalars = {'size': int(d['size']), 'frame_size': tuple(int(v) for v in d['frame_size'])}
+    if 'max_gap' in d: scalars['max_gap'] = int(d['max_gap'])        # files written before it was kept: the default
+    return FaceTrack(**{**d, **scalars})
 
 # %% ../nbs/03_faces.ipynb #061d4173
 def crop_jitter(quads: np.ndarray) -> dict:
@@ -330,18 +335,21 @@ def _spans(idx) -> str:
     runs = np.split(np.asarray(idx), np.flatnonzero(np.diff(idx) > 1) + 1)
     return ', '.join(f'{r[0]}–{r[-1]}' if len(r) > 1 else f'{r[0]}' for r in runs)
 
-def warn_unedited(track: FaceTrack, max_gap: int = MAX_GAP):
+def warn_unedited(track: FaceTrack, max_gap: int | None = None):
     "Warn, naming them, about the frames outside `track.covered(max_gap)`: those `paste_back` leaves as they are."
+    if max_gap is None: max_gap = track.max_gap
     skip = ~track.covered(max_gap)
     if skip.any():
         warnings.warn(f"{skip.sum()} of {len(skip)} frames are left unedited (frames {_spans(np.flatnonzero(skip))}): the face "
                       f"was not found there, and they are not in a gap of at most {max_gap} frames between frames where it was")
 
 def paste_back(frames, crops, track: FaceTrack, dilate: float = 0.05, feather: float = 0.025, region: str = 'face',
-               return_masks: bool = False, progress: bool = True, max_gap: int | None = MAX_GAP, warn: bool = True):
+               return_masks: bool = False, progress: bool = True, max_gap: int | str | None = 'track', warn: bool = True):
     """Blend edited `crops` into `frames` through `track.frame_from_crop` with a feathered face mask; uint8 frames.
     Frames outside `track.covered(max_gap)` (no face found there or near enough on both sides) are left as they are,
-    with a warning (`warn`); `max_gap=None` pastes into every frame."""
+    with a warning (`warn`); `max_gap='track'` is the gap `track_faces` followed the face across, `None` pastes into
+    every frame."""
+    if max_gap == 'track': max_gap = track.max_gap
     if not (len(frames) == len(crops) == len(track)):
         raise UserError(f"paste_back needs as many crops ({len(crops)}) as frames ({len(frames)}) and track entries ({len(track)})")
     s, cl = track.size, track.crop_landmarks()
