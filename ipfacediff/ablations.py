@@ -95,18 +95,23 @@ def edit_command(a: Ablation, video, prompt: str, out, model=DEFAULT_MODEL, iden
     return shlex.join(cmd)
 
 # %% ../nbs/11_ablations.ipynb #94c3eb72
-def crop_metrics(edited_crops, source_crops, embedder, edited_frames=None) -> dict:
+def crop_metrics(edited_crops, source_crops, embedder, edited_frames=None, used=None) -> dict:
     """§5.3 identity of the edited aligned crops against the source crops (frame t against frame t), no face detection:
     cosine distance of the video embeddings (mean of frame embeddings), mean per-frame cosine distance, TL-ID/TG-ID
     normalised by the source (None where undefined: one frame, or a source not similar to itself), and the warp error
-    (eq. 7, DIS flow) of `edited_frames` when given."""
+    (eq. 7, DIS flow) of `edited_frames` when given. `used` (bool per crop): the crops that were pasted into the video;
+    the others (a gap too long to bridge) are left out, and TL-ID pairs no frames across them."""
     from ipfacediff.metrics import frame_embeddings, cosine_distance, tl_id, tg_id, warp_error
     e, o = frame_embeddings(edited_crops, embedder), frame_embeddings(source_crops, embedder)
+    used = np.ones(len(e), bool) if used is None else np.asarray(used, bool)
+    if used.shape != (len(e),): raise UserError(f"used has {used.shape} entries for {len(e)} crops")
+    if not used.any(): raise UserError("no crop is marked used: nothing to score")
+    e, o = np.where(used[:, None], e, np.nan), np.where(used[:, None], o, np.nan)   # TL-ID/TG-ID skip frames without a face
     def ratio(f):
-        try: return f(e, o) if len(e) > 1 else None
+        try: return f(e, o) if used.sum() > 1 else None
         except UserError: return None
-    m = {'cosine_distance': float(cosine_distance(e.mean(0), o.mean(0))),
-         'mean_frame_cosine_distance': float(cosine_distance(e, o).mean()),
+    m = {'cosine_distance': float(cosine_distance(e[used].mean(0), o[used].mean(0))),
+         'mean_frame_cosine_distance': float(cosine_distance(e[used], o[used]).mean()),
          'tl_id': ratio(tl_id), 'tg_id': ratio(tg_id)}
     m['warp_error'] = warp_error(edited_frames) if edited_frames is not None and len(edited_frames) > 1 else None
     return m
@@ -255,7 +260,8 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
             edits[a.name] = r
         src = edits[rows[0].name].source_crops       # all rows edit these crops: the face track is cached after row 1
         for n, r in edits.items():
-            records[n]['crop_metrics'] = crop_metrics(r.crops, r.source_crops, embs[rec0], r.frames)
+            records[n]['crop_metrics'] = crop_metrics(r.crops, r.source_crops, embs[rec0], r.frames,
+                                                      used=r.track.covered()[r.span[0]:r.span[1]])   # the crops pasted back
         # ---- evaluate, exactly as `ipfacediff evaluate --original VIDEO --edited OUT/<row> ...` ----
         res = evaluate(video, [tmp / a.name for a in rows], tmp / 'metrics', gallery=gallery, recognizers=embs, fps=base_cfg.fps,
                        max_frames=base_cfg.max_frames, cache_dir=cache_dir / 'embeddings', progress=progress)
