@@ -74,6 +74,7 @@ def n_params(m) -> int: return sum(p.numel() for p in m.parameters())
 def count_flops(comps: SDComponents, size: int) -> dict[str, float]:
     "FLOPs of one evaluation (batch 1) of the UNet, VAE encoder, VAE decoder and text encoder at `size`² pixels; + `selfattn`."
     from torch.utils.flop_counter import FlopCounterMode
+    from torch.nn.attention import sdpa_kernel, SDPBackend
     dev, dt = comps.device, comps.dtype
     h = size // comps.vae_scale
     z, x = torch.zeros(1, 4, h, h, device=dev, dtype=dt), torch.zeros(1, 3, size, size, device=dev, dtype=dt)
@@ -88,7 +89,7 @@ def count_flops(comps: SDComponents, size: int) -> dict[str, float]:
         for name, fn in (('unet', lambda: comps.unet(z, torch.tensor([500], device=dev), encoder_hidden_states=c)),
                          ('vae_encode', lambda: comps.vae.encode(x)), ('vae_decode', lambda: comps.vae.decode(z)),
                          ('text', lambda: comps.text_encoder(ids))):
-            with FlopCounterMode(display=False) as fc: fn()
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc: fn()   # the same count on every device
             out[name] = float(fc.get_total_flops())
     finally:
         for hk in hooks: hk.remove()
