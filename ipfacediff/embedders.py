@@ -493,8 +493,10 @@ class TorchScriptEmbedder(FaceEmbedder):
         except Exception as e:
             raise UserError(f"{weights} is not a TorchScript model ({type(e).__name__}): save one with torch.jit.script(model).save(path) or pass an .onnx file") from None
         self.crop, self.bgr, self.name = crop, bgr, name
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32)[:, None, None])
-        self.register_buffer('std', torch.tensor(std, dtype=torch.float32)[:, None, None])
+        for k, v in (('mean', mean), ('std', std)):     # one number for all channels, or one per channel
+            t = torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1)
+            if len(t) not in (1, 3): raise UserError(f"{k} must be one number or three (one per channel), got {v!r}")
+            self.register_buffer(k, t)
         self.freeze()
         try:
             with torch.no_grad(): self.dim = int(self.embed(torch.zeros(1, 3, 64, 64)).shape[1])
