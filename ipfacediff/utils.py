@@ -123,13 +123,14 @@ def check_report_folder(out, overwrite: bool, marker: str, what: str, inputs=(),
             raise UserError(f"--out {out} lies inside the input folder {p}: the {what} would be read as an input next time; choose another --out")
     return out
 
-# %% ../nbs/00a_utils.ipynb #709456f1
+# %% ../nbs/00a_utils.ipynb #844bb8cd
 def check_seed(seed, what: str = '--seed') -> int:
     "`seed` as an int in [0, 2³²) — what NumPy, torch and Python's RNGs all take, with room for per-epoch offsets — else a `UserError`."
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise UserError(f"{what} must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
     return int(seed)
 
+# %% ../nbs/00a_utils.ipynb #709456f1
 def cpu_workers(workers: int | None = None) -> int:
     "`workers` if given (at least 1), else the CPUs this process may use."
     if workers is not None:
