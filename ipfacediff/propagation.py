@@ -13,7 +13,7 @@ from .injection import (AttentionControl, resolve_attn_layers, _keep, _check_row
 
 # %% auto #0
 __all__ = ['frame_batches', 'sample_keyframes', 'extended_attention', 'unit_tokens', 'nearest_neighbours', 'propagation_weights',
-           'propagate_features', 'Keyframes', 'TokenFlowPlan', 'TokenFlowControl']
+           'local_weights', 'propagate_features', 'Keyframes', 'TokenFlowPlan', 'TokenFlowControl']
 
 # %% ../nbs/08_tokenflow.ipynb #e7ac624a
 def frame_batches(n_frames: int, batch_size: int = 8) -> list[torch.Tensor]:
@@ -60,13 +60,25 @@ def propagation_weights(frame_idx, kf_idx) -> tuple[torch.Tensor, torch.Tensor, 
     wm = torch.where(kp > km, (kp - i) / (kp - km).clamp(min=1), torch.ones_like(km))
     return jm, jp, wm.float()
 
+def local_weights(frame_idx, kf_idx) -> tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`(span, (j⁻, j⁺, w⁻))`: the slice of sorted `kf_idx` that the frames `frame_idx` draw on (from the first frame's past
+    keyframe to the last one's future keyframe) and `propagation_weights` with j⁻, j⁺ counted from the slice's start."""
+    jm, jp, wm = propagation_weights(frame_idx, kf_idx)
+    if len(jm) == 0: return slice(0, 0), (jm, jp, wm)
+    lo, hi = int(jm.min()), int(jp.max()) + 1
+    return slice(lo, hi), (jm - lo, jp - lo, wm)
+
 def propagate_features(kf_out, kf_tokens, tokens, frame_idx, kf_idx, chunk_size: int = 1024, weights=None) -> torch.Tensor:
     """Eq. 4: f_i = w⁻ T(k⁻)[γ⁻] + w⁺ T(k⁺)[γ⁺]. kf_out (m, K, L, C) edited keyframe outputs per prompt chunk,
     kf_tokens (K, L, C) and tokens (n, L, C) source attn1 inputs of the keyframes and frames → (m, n, L, C);
     or kf_tokens (m, K, L, C) and tokens (m, n, L, C): one field per prompt chunk (ε2's own tokens).
-    `weights`: `propagation_weights(frame_idx, kf_idx)` made once, ideally already on kf_out's device."""
+    `weights`: `propagation_weights(frame_idx, kf_idx)` (j⁻, j⁺ index kf_out's K axis) made once, ideally already on kf_out's
+    device; without it only the keyframes the frames use are read (`local_weights`)."""
     dev = kf_out.device
-    jm, jp, wm = weights if weights is not None else propagation_weights(frame_idx, kf_idx)
+    if weights is None:
+        span, weights = local_weights(frame_idx, kf_idx)
+        kf_out, kf_tokens = kf_out[:, span], kf_tokens[..., span, :, :]
+    jm, jp, wm = weights
     jm, jp, wm = jm.to(dev), jp.to(dev), wm.to(dev, kf_out.dtype)        # no-ops for weights made on `dev`
     if kf_tokens.ndim == 4:
         return torch.cat([propagate_features(kf_out[c:c + 1], kf_tokens[c], tokens[c], frame_idx, kf_idx, chunk_size, (jm, jp, wm))
@@ -96,6 +108,7 @@ class TokenFlowPlan(StepPlan):
     keyframes: Keyframes | None = None
     frame_idx: torch.Tensor | None = None
     weights: tuple | None = None        # eq. 4's (j⁻, j⁺, w⁻) on the device, made by the first layer that needs them
+    kf_span: slice | None = None        # the keyframes these frames draw on; `weights`' j⁻, j⁺ count from its start
 
 class TokenFlowControl(AttentionControl):
     "`AttentionControl` + TokenFlow: extended attention over keyframes and NN-field propagation (paper §3.2)."
@@ -136,9 +149,12 @@ class TokenFlowControl(AttentionControl):
             tok, kf_tok = self._field_tokens(name, x, len(p.frame_idx)), kf.tokens[name]
             if tok.ndim != kf_tok.ndim: raise ValueError(f"{name}: give the keyframe pass and the propagation the same kind of source (ε1 features/BatchedSource, or None for both)")
             if p.weights is None:                  # once per forward, not per layer: one small copy, queued without waiting
-                w = to_device(torch.stack([t.double() for t in propagation_weights(p.frame_idx, kf.idx)]), x.device)
+                p.kf_span, jw = local_weights(p.frame_idx, kf.idx)
+                w = to_device(torch.stack([t.double() for t in jw]), x.device)
                 p.weights = (w[0].long(), w[1].long(), w[2].float())
-            o = propagate_features(kf.out[name], kf_tok.to(x.dtype), tok.to(x.dtype), p.frame_idx, kf.idx, self.nn_chunk_size, p.weights)
+            s = p.kf_span                          # only the keyframes these frames use: linear in the video's length
+            o = propagate_features(kf.out[name][:, s], kf_tok[..., s, :, :].to(x.dtype), tok.to(x.dtype), p.frame_idx, kf.idx,
+                                   self.nn_chunk_size, p.weights)
             o = o.reshape(-1, *o.shape[2:])
             if o.shape[0] != q.shape[0] - ns: raise ValueError(f"{name}: {q.shape[0] - ns} edit rows but {o.shape[0]} propagated rows: latents and prompts must match the keyframe pass")
         else: raise ValueError(f"unknown TokenFlow mode {mode!r}")
