@@ -229,6 +229,14 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
     finally: container.close()
 
 # %% ../nbs/02_video.ipynb #a6c4d7b1
+_AAC_DEFAULT_LAYOUTS = {1: 'mono', 2: 'stereo', 3: '3.0', 4: '4.0', 5: '5.0', 6: '5.1', 7: '6.1', 8: '7.1'}
+
+def _aac_layout(layout: av.AudioLayout) -> str | None:
+    "A layout name the AAC encoder takes for `layout`: its own where it names its channels, else the usual one with as many; None past 8."
+    n = layout.nb_channels
+    if n > 8: return None
+    return _AAC_DEFAULT_LAYOUTS[n] if layout.name.endswith(' channels') or layout.name == 'downmix' else layout.name
+
 def _load_audio(path, start: float, duration: float):
     "Samples `(channels, n)` float32 of `path`'s first audio stream in `[start, start+duration)` of its video's time, its rate and layout; None if silent."
     if path is None: return None
@@ -239,8 +247,12 @@ def _load_audio(path, start: float, duration: float):
     try:
         if not container.streams.audio: return None
         st = container.streams.audio[0]
-        rate, layout = st.codec_context.sample_rate, st.codec_context.layout.name
-        res = av.AudioResampler(format='fltp', layout=layout, rate=rate)
+        rate, layout = st.codec_context.sample_rate, st.codec_context.layout
+        if (out_layout := _aac_layout(layout)) is None:
+            warnings.warn(f"the audio of {p.name} has {layout.nb_channels} channels; AAC takes at most 8: the video is written without sound")
+            return None
+        nch = layout.nb_channels
+        res = av.AudioResampler(format='flt', layout=layout.name, rate=rate)   # the source's own layout: nothing remixed
         secs = lambda s: float(s.start_time * s.time_base) if s.start_time is not None else None
         a0 = secs(st) or 0.0
         t0 = next((secs(v) for v in container.streams.video if secs(v) is not None), a0)   # time 0: the video's start
@@ -249,17 +261,17 @@ def _load_audio(path, start: float, duration: float):
         try:
             for fr in container.decode(st):
                 if first is None: first = float(fr.pts * fr.time_base) - t0 if fr.pts is not None else a0 - t0
-                for r in res.resample(fr): chunks.append(r.to_ndarray()); got += chunks[-1].shape[1]
+                for r in res.resample(fr): chunks.append(r.to_ndarray().reshape(-1, nch).T); got += chunks[-1].shape[1]
                 if first + got / rate > start + duration + 0.1: break
         except av.error.FFmpegError: pass  # keep what decoded; audio damage should not block a video
-        try: chunks += [r.to_ndarray() for r in res.resample(None)]   # what the resampler still holds
+        try: chunks += [r.to_ndarray().reshape(-1, nch).T for r in res.resample(None)]   # what the resampler still holds
         except (av.error.FFmpegError, ValueError): pass
         if not chunks: return None
         a = np.concatenate(chunks, axis=1).astype(np.float32)
         n, i0 = int(round(duration * rate)), int(round((start - first) * rate))
         if i0 < 0: a = np.concatenate([np.zeros((a.shape[0], min(-i0, n)), np.float32), a], axis=1)  # audio starts late
         a = a[:, max(0, i0):max(0, i0) + n]
-        return a, rate, layout
+        return a, rate, out_layout
     finally: container.close()
 
 # %% ../nbs/02_video.ipynb #482f9bac
@@ -308,7 +320,7 @@ def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, ov
                     upto = min(samples.shape[1], int(round((i + 1) / float(rate) * arate)))
                     while apos < upto:
                         n = min(fsize, samples.shape[1] - apos)
-                        af = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, apos:apos + n]), format='fltp', layout=layout)
+                        af = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, apos:apos + n].T).reshape(1, -1), format='flt', layout=layout)
                         af.sample_rate, af.pts = arate, apos
                         for p in ast.encode(af): c.mux(p)
                         apos += n

@@ -192,7 +192,9 @@ def test_raw_frames_are_resampled_to_the_asked_fps(pipe, sample):
     assert r.fps == pytest.approx(fps / 3) and len(r.frames) == 3 and r.crops.shape[0] == 3
     kept = resample_indices(len(frames), fps, fps / 3)[:3]
     assert kept.tolist() == [0, 3, 6]
-    assert np.array_equal(r.frames[:, :16, :16], frames[kept, :16, :16])     # the corners, far from the face, are those frames'
+    # each output frame is nearest to its kept input frame (the edit changes only the face; the corners alone are the same in every frame)
+    dist = np.abs(r.frames[:, None].astype(np.int16) - frames[None].astype(np.int16)).mean((2, 3, 4))
+    assert dist.argmin(1).tolist() == kept.tolist()
 
 
 @pytest.mark.parametrize('frames_of,fps,parts', [
