@@ -230,6 +230,11 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
 
 # %% ../nbs/02_video.ipynb #a6c4d7b1
 _AAC_DEFAULT_LAYOUTS = {1: 'mono', 2: 'stereo', 3: '3.0', 4: '4.0', 5: '5.0', 6: '5.1', 7: '6.1', 8: '7.1'}
+_AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+
+def _aac_rate(rate: int) -> int:
+    "`rate` if the AAC encoder takes it, else the nearest rate it takes."
+    return rate if rate in _AAC_RATES else min(_AAC_RATES, key=lambda r: abs(r - rate))
 
 def _aac_layout(layout: av.AudioLayout) -> str | None:
     "A layout name the AAC encoder takes for `layout`: its own where it names its channels, else the usual one with as many; None past 8."
@@ -251,7 +256,7 @@ def _load_audio(path, start: float, duration: float):
         if (out_layout := _aac_layout(layout)) is None:
             warnings.warn(f"the audio of {p.name} has {layout.nb_channels} channels; AAC takes at most 8: the video is written without sound")
             return None
-        nch = layout.nb_channels
+        nch, rate = layout.nb_channels, _aac_rate(rate)
         res = av.AudioResampler(format='flt', layout=layout.name, rate=rate)   # the source's own layout: nothing remixed
         secs = lambda s: float(s.start_time * s.time_base) if s.start_time is not None else None
         a0 = secs(st) or 0.0
