@@ -20,13 +20,10 @@ LAYER = 'up_blocks.3.attentions.2.transformer_blocks.0.attn1'   # an injection l
 @pytest.fixture(scope='module')
 def nets():
     torch.set_num_threads(1)
-    c1, c2 = tiny_components(0), tiny_components(1)
-    g = torch.Generator().manual_seed(0)
-    return dict(eps1=c1.unet, eps2=c2.unet, c_src=encode_prompt(c1, ''), c_cfg=encode_prompt(c1, ['', 'a face with sunglasses']),
-                z_src=torch.randn(4, 4, 16, 16, generator=g), z=torch.randn(4, 4, 16, 16, generator=g))
+    return two_branches(4, 'a face with sunglasses')
 
 
-from shared import one_line_error
+from shared import one_line_error, two_branches
 
 
 # ---------------------------------------------------------------- 1. source rows = frames
