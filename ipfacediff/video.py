@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .utils import UserError, atomic_output
 
 # %% auto #0
-__all__ = ['DECODE_RULES', 'VideoInfo', 'display_rotation', 'upright', 'check_fps', 'resample_indices', 'check_max_frames',
-           'read_video', 'write_video', 'side_by_side', 'write_side_by_side']
+__all__ = ['DECODE_RULES', 'VideoInfo', 'display_rotation', 'upright', 'display_orientation', 'check_fps', 'resample_indices',
+           'check_max_frames', 'read_video', 'write_video', 'side_by_side', 'write_side_by_side']
 
 # %% ../nbs/02_video.ipynb #63a21e64
 @dataclass
@@ -30,6 +30,7 @@ class VideoInfo:
     duration: float       # n_frames / fps, seconds
     source_fps: float     # frame rate of the source stream
     start: float = 0.0    # time of the first returned frame in the source, seconds
+    mirrored: bool = False  # the source's display matrix flips its frames left-right (after `rotation`); the frames returned are as shown
 
 # %% ../nbs/02_video.ipynb #8146e6ac
 def _open_video(path):
@@ -66,6 +67,13 @@ def upright(img: np.ndarray, rotation: int) -> np.ndarray:
     k = int(round(rotation / 90.0)) % 4
     return np.ascontiguousarray(np.rot90(img, k)) if k else img
 
+def display_orientation(matrix) -> tuple[int, bool]:
+    "`(rotation, mirrored)` of an FFmpeg display matrix: shown turned `rotation` degrees counter-clockwise, then flipped left-right if `mirrored`."
+    m = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
+    if m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0] >= 0: return display_rotation(m), False
+    m = m.copy(); m[:, 0] *= -1                     # undo av_display_matrix_flip's left-right flip
+    return display_rotation(m), True
+
 def _rotation_matrix(deg: int) -> list[int]:
     "FFmpeg's display matrix for a counter-clockwise rotation by `deg` (as `av_display_rotation_set`)."
     r = math.radians(deg); c, s = math.cos(r), math.sin(r)
@@ -73,18 +81,20 @@ def _rotation_matrix(deg: int) -> list[int]:
     return [f(c), f(-s), 0, f(s), f(c), 0, 0, 0, 1 << 30]
 
 # %% ../nbs/02_video.ipynb #cd10aca4
-def _stream_rotation(container, stream, first_frame=None) -> int:
-    "Rotation of the stream: the decoded frame's display matrix, else an old-style `rotate` tag (clockwise)."
+def _stream_rotation(container, stream, first_frame=None) -> tuple[int, bool]:
+    "`(rotation, mirrored)` of the stream: the decoded frame's display matrix, else an old-style `rotate` tag (clockwise, never mirrored)."
     if first_frame is not None:
         try:
-            rot = first_frame.rotation
-            if rot: return _QUARTER[int(round(rot / 90.0)) % 4]
+            for sd in first_frame.side_data:
+                if sd.type.name == 'DISPLAYMATRIX':
+                    orient = display_orientation(np.frombuffer(bytes(sd), dtype=np.int32)[:9])
+                    if orient != (0, False): return orient
         except Exception: pass
     tag = stream.metadata.get('rotate')
     if tag:
-        try: return _QUARTER[int(round(-float(tag) / 90.0)) % 4]
+        try: return _QUARTER[int(round(-float(tag) / 90.0)) % 4], False
         except ValueError: pass
-    return 0
+    return 0, False
 
 # %% ../nbs/02_video.ipynb #15c3c439
 def check_fps(fps, what: str = 'fps') -> float:
@@ -139,8 +149,8 @@ def _too_big(path, n: int, w: int, h: int) -> UserError:
 
 _HDR_TRC = (16, 18)     # SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG) transfer characteristics
 
-DECODE_RULES = 2        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
-                        # 2: untagged HD decoded as BT.709, non-square pixels scaled to square)
+DECODE_RULES = 3        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
+                        # 2: untagged HD decoded as BT.709, non-square pixels scaled to square; 3: mirrored display matrices)
 
 def _guess_matrix(fr) -> dict:
     "For an untagged frame, the YUV matrix players assume: BT.709 from 1280 wide or 577 high up, else BT.601 (swscale's default)."
@@ -173,7 +183,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
         stream.thread_type = 'AUTO'
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if start > 0: container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
-        buf, rotation, ended, n_decoded = _FrameBuffer(est), None, False, 0
+        buf, rotation, mirrored, ended, n_decoded = _FrameBuffer(est), None, False, False, 0
         prev, prev_t, k = None, None, 0          # held-back frame, its time, index of the next output time
         origin = start if fps else None          # time of output frame 0; without fps, the first frame at/after `start`
         target = lambda: origin + k / out_fps
@@ -183,6 +193,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
                 raise UserError(f"{path}: the frame size changes from {stream.width}x{stream.height} to {fr.width}x{fr.height} "
                                 f"at frame {len(buf)}: re-encode it at one size")
             img = upright(fr.to_ndarray(format='rgb24', **_guess_matrix(fr), **scale), rotation)
+            if mirrored: img = np.ascontiguousarray(img[:, ::-1])
             if len(buf) and img.shape != buf.a.shape[1:]:
                 raise UserError(f"{path}: the frame size changes from {buf.a.shape[2]}x{buf.a.shape[1]} to {img.shape[1]}x{img.shape[0]} "
                                 f"at frame {len(buf)}: re-encode it at one size")
@@ -195,7 +206,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
                 t = _frame_time(frame, stream)
                 t = (n_decoded - 1) / (src_fps or 25.0) if t is None else t - t0
                 if rotation is None:
-                    rotation = _stream_rotation(container, stream, frame)
+                    rotation, mirrored = _stream_rotation(container, stream, frame)
                     if frame.color_trc in _HDR_TRC or frame.color_primaries == 9:
                         warnings.warn(f"{Path(path).name} is HDR video (BT.2020 / PQ / HLG): it is read as 8-bit RGB without tone "
                                       "mapping, so colours come out washed out; convert it to SDR BT.709 first for a faithful result")
@@ -223,7 +234,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
                             f"but only {n_decoded} could be decoded; re-export or re-download it")
         arr = buf.array()
         info = VideoInfo(path=str(path), fps=out_fps, n_frames=len(arr), width=arr.shape[2], height=arr.shape[1],
-                         rotation=rotation or 0, has_audio=bool(container.streams.audio), duration=len(arr) / out_fps,
+                         rotation=rotation or 0, mirrored=mirrored, has_audio=bool(container.streams.audio), duration=len(arr) / out_fps,
                          source_fps=src_fps or out_fps, start=float(origin))
         return arr, info
     finally: container.close()
@@ -236,11 +247,15 @@ def _aac_rate(rate: int) -> int:
     "`rate` if the AAC encoder takes it, else the nearest rate it takes."
     return rate if rate in _AAC_RATES else min(_AAC_RATES, key=lambda r: abs(r - rate))
 
+_AAC_NAMED_LAYOUTS = frozenset({'mono', 'stereo', '2.1', '3.0', '3.0(back)', '4.0', 'quad', 'quad(side)', '3.1', '5.0', '5.0(side)',
+                                 '4.1', '5.1', '5.1(side)', '6.0', '6.0(front)', 'hexagonal', '6.1', '6.1(back)', '6.1(front)', '7.0',
+                                 '7.0(front)', '7.1', '7.1(wide)', '7.1(wide-side)', 'octagonal'})   # each opened PyAV 18's AAC encoder
+
 def _aac_layout(layout: av.AudioLayout) -> str | None:
-    "A layout name the AAC encoder takes for `layout`: its own where it names its channels, else the usual one with as many; None past 8."
+    "A layout name the AAC encoder takes for `layout`: its own where the encoder takes it, else the usual one with as many channels; None past 8."
     n = layout.nb_channels
     if n > 8: return None
-    return _AAC_DEFAULT_LAYOUTS[n] if layout.name.endswith(' channels') or layout.name == 'downmix' else layout.name
+    return layout.name if layout.name in _AAC_NAMED_LAYOUTS else _AAC_DEFAULT_LAYOUTS[n]
 
 def _load_audio(path, start: float, duration: float):
     "Samples `(channels, n)` float32 of `path`'s first audio stream in `[start, start+duration)` of its video's time, its rate and layout; None if silent."
@@ -251,13 +266,25 @@ def _load_audio(path, start: float, duration: float):
     except av.error.FFmpegError: raise UserError(f"cannot read {p} to copy its audio: not a media file, or damaged") from None
     try:
         if not container.streams.audio: return None
-        st = container.streams.audio[0]
+        if not (decodable := [s for s in container.streams.audio if s.codec_context is not None]):
+            warnings.warn(f"the audio of {p.name} is in a codec this FFmpeg cannot decode: the video is written without sound")
+            return None
+        st = decodable[0]
         rate, layout = st.codec_context.sample_rate, st.codec_context.layout
         if (out_layout := _aac_layout(layout)) is None:
             warnings.warn(f"the audio of {p.name} has {layout.nb_channels} channels; AAC takes at most 8: the video is written without sound")
             return None
         nch, rate = layout.nb_channels, _aac_rate(rate)
         res = av.AudioResampler(format='flt', layout=layout.name, rate=rate)   # the source's own layout: nothing remixed
+
+        def resample(fr):
+            nonlocal res
+            try: return res.resample(fr)
+            except ValueError:       # format, layout or rate changed mid-stream (TV recordings): a new resampler, the same output
+                try: held = res.resample(None)
+                except (av.error.FFmpegError, ValueError): held = []
+                res = av.AudioResampler(format='flt', layout=out_layout, rate=rate)
+                return held + res.resample(fr)
         secs = lambda s: float(s.start_time * s.time_base) if s.start_time is not None else None
         a0 = secs(st) or 0.0
         t0 = next((secs(v) for v in container.streams.video if secs(v) is not None), a0)   # time 0: the video's start
@@ -266,7 +293,7 @@ def _load_audio(path, start: float, duration: float):
         try:
             for fr in container.decode(st):
                 if first is None: first = float(fr.pts * fr.time_base) - t0 if fr.pts is not None else a0 - t0
-                for r in res.resample(fr): chunks.append(r.to_ndarray().reshape(-1, nch).T); got += chunks[-1].shape[1]
+                for r in resample(fr): chunks.append(r.to_ndarray().reshape(-1, nch).T); got += chunks[-1].shape[1]
                 if first + got / rate > start + duration + 0.1: break
         except av.error.FFmpegError: pass  # keep what decoded; audio damage should not block a video
         try: chunks += [r.to_ndarray().reshape(-1, nch).T for r in res.resample(None)]   # what the resampler still holds

@@ -84,9 +84,9 @@ def test_display_matrix_parsing():
     assert upright(a, 90).shape == (3, 2, 1) and upright(a, 90)[0, 0, 0] == 2   # counter-clockwise
     # the old `rotate` tag (clockwise degrees) when the frame carries no display matrix
     stream = types.SimpleNamespace(metadata={'rotate': '90'})
-    assert _stream_rotation(None, stream, None) == -90
-    assert _stream_rotation(None, types.SimpleNamespace(metadata={'rotate': '180'}), None) == 180
-    assert _stream_rotation(None, types.SimpleNamespace(metadata={}), None) == 0
+    assert _stream_rotation(None, stream, None) == (-90, False)
+    assert _stream_rotation(None, types.SimpleNamespace(metadata={'rotate': '180'}), None) == (180, False)
+    assert _stream_rotation(None, types.SimpleNamespace(metadata={}), None) == (0, False)
 
 
 def test_portrait_phone_video(tmp_path, sample):
