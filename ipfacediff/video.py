@@ -81,15 +81,30 @@ def _rotation_matrix(deg: int) -> list[int]:
     return [f(c), f(-s), 0, f(s), f(c), 0, 0, 0, 1 << 30]
 
 # %% ../nbs/02_video.ipynb #cd10aca4
+_EXIF_ORIENTATION = {1: (0, False), 2: (0, True), 3: (180, False), 4: (180, True),    # EXIF tag 274 → (rotation, mirrored)
+                     5: (-90, True), 6: (-90, False), 7: (90, True), 8: (90, False)}
+
+def _exif_orientation(path) -> tuple[int, bool] | None:
+    "`(rotation, mirrored)` from the EXIF orientation of the image file `path`, if it has one."
+    try:
+        from PIL import Image
+        with Image.open(path) as im: return _EXIF_ORIENTATION.get(im.getexif().get(274))
+    except Exception: return None
+
 def _stream_rotation(container, stream, first_frame=None) -> tuple[int, bool]:
-    "`(rotation, mirrored)` of the stream: the decoded frame's display matrix, else an old-style `rotate` tag (clockwise, never mirrored)."
+    """`(rotation, mirrored)` of the stream: the decoded frame's display matrix, else an old-style `rotate` tag (clockwise, never
+    mirrored). PyAV cannot list some side data (a JPEG's EXIF block): then a still's EXIF orientation, else the matrix's angle alone."""
     if first_frame is not None:
         try:
             for sd in first_frame.side_data:
                 if sd.type.name == 'DISPLAYMATRIX':
                     orient = display_orientation(np.frombuffer(bytes(sd), dtype=np.int32)[:9])
                     if orient != (0, False): return orient
-        except Exception: pass
+        except Exception:
+            if (orient := _exif_orientation(getattr(container, 'name', None))) is not None: return orient
+            try:
+                if rot := first_frame.rotation: return _QUARTER[int(round(rot / 90.0)) % 4], False
+            except Exception: pass
     tag = stream.metadata.get('rotate')
     if tag:
         try: return _QUARTER[int(round(-float(tag) / 90.0)) % 4], False
