@@ -9,6 +9,7 @@ from dataclasses import dataclass, asdict
 from fractions import Fraction
 from pathlib import Path
 import numpy as np, av, cv2
+from av.video.reformatter import Interpolation
 from tqdm.auto import tqdm
 from .utils import UserError, atomic_output
 
@@ -164,8 +165,10 @@ def _too_big(path, n: int, w: int, h: int) -> UserError:
 
 _HDR_TRC = (16, 18)     # SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG) transfer characteristics
 
-DECODE_RULES = 3        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
-                        # 2: untagged HD decoded as BT.709, non-square pixels scaled to square; 3: mirrored display matrices)
+DECODE_RULES = 4        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
+                        # 2: untagged HD decoded as BT.709, non-square pixels scaled to square; 3: mirrored display matrices;
+                        # 4: exact rounding in YUV → RGB)
+_EXACT_RGB = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT    # swscale flags: rounded, not truncated; full chroma
 
 def _guess_matrix(fr) -> dict:
     "For an untagged frame, the YUV matrix players assume: BT.709 from 1280 wide or 577 high up, else BT.601 (swscale's default)."
@@ -193,7 +196,8 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
         est = max(0, int(round((dur - start) * out_fps))) if dur else (stream.frames or None)
         if max_frames is not None: est = min(est, max_frames) if est else max_frames
         sq_w = _square_width(stream)
-        scale = {} if sq_w is None else {'width': sq_w, 'height': stream.height, 'interpolation': 'BICUBIC'}
+        scale = {} if sq_w is None else {'width': sq_w, 'height': stream.height}
+        interp = (Interpolation.BICUBIC if scale else Interpolation.BILINEAR) | _EXACT_RGB
         if est and est * (sq_w or stream.width) * stream.height * 3 > max_gb * 2**30: raise _too_big(path, est, sq_w or stream.width, stream.height)
         stream.thread_type = 'AUTO'
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
@@ -207,7 +211,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
             if scale and (fr.width, fr.height) != (stream.width, stream.height):   # scaled frames would all look one size
                 raise UserError(f"{path}: the frame size changes from {stream.width}x{stream.height} to {fr.width}x{fr.height} "
                                 f"at frame {len(buf)}: re-encode it at one size")
-            img = upright(fr.to_ndarray(format='rgb24', **_guess_matrix(fr), **scale), rotation)
+            img = upright(fr.to_ndarray(format='rgb24', interpolation=interp, **_guess_matrix(fr), **scale), rotation)
             if mirrored: img = np.ascontiguousarray(img[:, ::-1])
             if len(buf) and img.shape != buf.a.shape[1:]:
                 raise UserError(f"{path}: the frame size changes from {buf.a.shape[2]}x{buf.a.shape[1]} to {img.shape[1]}x{img.shape[0]} "

@@ -7,7 +7,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from fractions import Fraction
 import av, numpy as np, pytest
 from ipfacediff.utils import UserError, data_path
-from ipfacediff.video import read_video, write_video, write_side_by_side, side_by_side, _load_audio
+from ipfacediff.video import read_video, write_video, write_side_by_side, side_by_side, _load_audio, _EXACT_RGB
+from av.video.reformatter import Interpolation
 
 
 def _ramp(n, h=32, w=48):
@@ -95,14 +96,15 @@ def test_variable_frame_rate_lands_on_its_timestamps(tmp_path):
 
 
 def test_constant_frame_rate_comes_out_unchanged(tmp_path):
-    "Every frame once, the same pixels PyAV decodes — for the shipped sample and two common constant rates."
+    "Every frame once, the same pixels PyAV decodes (with read_video's conversion flags) — for the shipped sample and two common constant rates."
     long = np.broadcast_to((np.arange(120) % 32 * 8).astype(np.uint8)[:, None, None, None], (120, 36, 64, 3)).copy()
     _encode(tmp_path / 'ntsc.mp4', long, Fraction(24000, 1001))       # B-frames, timestamps rounded to 1/24000
     _encode(tmp_path / 'ntsc.mkv', long, Fraction(30000, 1001))       # millisecond timestamps
     for p in (data_path('sample.mp4'), tmp_path / 'ntsc.mp4', tmp_path / 'ntsc.mkv'):
         with av.open(str(p)) as c:
             s = c.streams.video[0]
-            rate, decoded = float(s.average_rate), [(float(f.pts * s.time_base), f.to_ndarray(format='rgb24')) for f in c.decode(s)]
+            rate, decoded = float(s.average_rate), [(float(f.pts * s.time_base), f.to_ndarray(format='rgb24', interpolation=Interpolation.BILINEAR | _EXACT_RGB))
+                                                     for f in c.decode(s)]
         direct = np.stack([f for _, f in decoded])
         frames, info = read_video(p, progress=False)
         assert frames.shape == direct.shape and (frames == direct).all(), p
