@@ -141,9 +141,10 @@ def cpu_workers(workers: int | None = None) -> int:
 
 # %% ../nbs/00a_utils.ipynb #006cf707
 def rgb_image(im):
-    """An RGB Pillow image of `im`; 16-/32-bit greyscale (modes I;16…, I) scaled to 8 bits rather than clipped by `convert`:
-    by 255/65535, or by 255/its largest value where a 32-bit image goes beyond 16 bits."""
-    from PIL import Image
+    """An RGB Pillow image of `im`, upright by its EXIF orientation; 16-/32-bit greyscale (modes I;16…, I) scaled to 8 bits
+    rather than clipped by `convert`: by 255/65535, or by 255/its largest value where a 32-bit image goes beyond 16 bits."""
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith('I'):
         a = np.asarray(im).astype(np.float64)
         top = max(65535, a.max()) if im.mode.startswith('I;16') or a.max() > 255 else 255

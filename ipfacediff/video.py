@@ -167,7 +167,7 @@ _HDR_TRC = (16, 18)     # SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG) transfer cha
 
 DECODE_RULES = 4        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
                         # 2: untagged HD decoded as BT.709, non-square pixels scaled to square; 3: mirrored display matrices;
-                        # 4: exact rounding in YUV → RGB)
+                        # 4: exact rounding in YUV → RGB, and `utils.rgb_image` follows EXIF orientation)
 _EXACT_RGB = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT    # swscale flags: rounded, not truncated; full chroma
 
 def _guess_matrix(fr) -> dict:
