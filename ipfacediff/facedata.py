@@ -18,7 +18,8 @@ __all__ = ['IMAGE_EXTS', 'DEFAULT_BLIP2', 'list_images', 'read_captions', 'write
            'caption_images', 'load_attributes', 'EditPrompts', 'FaceDataset', 'demo_faces']
 
 # %% ../nbs/05_data.ipynb #d72af3af
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)   # what Pillow raises for a file it cannot use
 
 def list_images(folder) -> list[str]:
     "Paths (relative to `folder`, POSIX, sorted) of the images under `folder`; `UserError` if there are none."
@@ -26,8 +27,8 @@ def list_images(folder) -> list[str]:
     if not folder.exists(): raise UserError(f"image folder {folder} does not exist: pass --data with a folder of aligned face images")
     if not folder.is_dir(): raise UserError(f"{folder} is a file: pass --data with a folder of aligned face images")
     rel = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*')
-                 if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith('.'))
-    if not rel: raise UserError(f"no images (*.jpg, *.png) under {folder}: pass a folder of aligned face images (CelebA-HQ layout)")
+                 if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not any(s.startswith('.') for s in p.relative_to(folder).parts))
+    if not rel: raise UserError(f"no images ({', '.join('*' + e for e in IMAGE_EXTS)}) under {folder}: pass a folder of aligned face images (CelebA-HQ layout)")
     return rel
 
 def read_captions(path) -> dict[str, str]:
@@ -36,7 +37,7 @@ def read_captions(path) -> dict[str, str]:
     if path.is_dir(): raise UserError(f"caption file {path} is a folder: pass --captions with a JSONL file")
     if not path.is_file(): raise UserError(f"caption file {path} does not exist: pass --captions with a JSONL file, or caption the images first")
     caps = {}
-    try: text = path.read_text(encoding='utf-8')
+    try: text = path.read_text(encoding='utf-8-sig')         # a byte-order mark, as Windows editors write, is dropped
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save the caption file as UTF-8 JSONL") from None
     for i, line in enumerate(text.splitlines(), 1):
@@ -97,7 +98,7 @@ def caption_images(folder, model: str = DEFAULT_BLIP2, out=None, device='auto', 
         for r in rel[i:i + batch_size]:
             try:
                 with Image.open(folder / r) as im: ims.append(rgb_image(im)); names.append(r)
-            except (OSError, UnidentifiedImageError): bad.append(r)
+            except _UNREADABLE: bad.append(r)
         if not ims: continue
         kw = dict(images=ims, return_tensors='pt')
         if prompt: kw['text'] = [prompt] * len(ims)
@@ -177,10 +178,10 @@ class FaceDataset(torch.utils.data.Dataset):
             if r in self.skipped: continue
             try:
                 with Image.open(self.folder / r) as im: im.size
-            except (OSError, UnidentifiedImageError, ValueError) as e: self.skipped[r] = f'unreadable ({type(e).__name__})'; continue
+            except _UNREADABLE as e: self.skipped[r] = f'unreadable ({type(e).__name__})'; continue
             if check_faces:
                 try: img = load_image(self.folder / r, max(size, 256))
-                except (OSError, ValueError) as e: self.skipped[r] = f'unreadable ({type(e).__name__})'; continue
+                except _UNREADABLE as e: self.skipped[r] = f'unreadable ({type(e).__name__})'; continue
                 if not len(detect_faces((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8), upsample=1)): self.skipped[r] = 'no face found'
         self.paths = [r for r in rel if r not in self.skipped]
         self.captions = [caps[r] for r in self.paths]
@@ -209,7 +210,7 @@ class FaceDataset(torch.utils.data.Dataset):
             r = self.paths[j]
             if r in self.skipped: continue
             try: img = load_image(self.folder / r, self.size)
-            except (OSError, ValueError, UnidentifiedImageError) as e:
+            except _UNREADABLE as e:
                 self.skipped[r] = f'unreadable ({type(e).__name__})'
                 if not self.quiet: warnings.warn(f"FaceDataset: {r} could not be decoded ({type(e).__name__}); using the next image ({len(self.skipped)} skipped so far)")
                 continue

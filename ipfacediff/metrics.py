@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_metrics.ipynb #4e729b44
 from __future__ import annotations
-import contextlib, csv, functools, hashlib, importlib.util, io, json, math, os, shutil, tempfile, time, warnings, weakref
+import contextlib, csv, functools, hashlib, importlib.util, io, json, math, os, re, shutil, tempfile, time, warnings, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -371,7 +371,15 @@ class StageTimer:
 VIDEO_EXTS = ('.mp4', '.mov', '.mkv', '.avi', '.webm', '.m4v', '.mpg', '.mpeg')
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
-def _is_image(p: Path) -> bool: return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+def _is_image(p: Path) -> bool: return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.')
+
+def _frame_order(p: Path) -> tuple:
+    "Sort key of a frame file: its name with every run of digits compared as a number (`2.png` < `10.png`), then the name itself."
+    return tuple((0, int(t), '') if t.isdigit() else (1, 0, t) for t in re.split(r'(\d+)', p.name) if t), p.name
+
+def _frames_in(folder: Path) -> list[Path]:
+    "The frame images of a sequence folder, in frame order."
+    return sorted((q for q in folder.iterdir() if _is_image(q)), key=_frame_order)
 
 def list_media(folder) -> dict[str, Path]:
     "`{name: path}` of the videos, stills and image-sequence folders in `folder` (or of one video/image file, any extension)."
@@ -399,7 +407,7 @@ def load_media(path, fps: float | None = None, max_frames: int | None = None, re
             with Image.open(p) as im: return np.asarray(rgb_image(im))
         except Exception as e: raise UserError(f"cannot read the image {p} ({type(e).__name__}): is it damaged?") from None
     if path.is_dir():
-        files = sorted(q for q in path.iterdir() if _is_image(q))[:max_frames]
+        files = _frames_in(path)[:max_frames]
         if not files: raise UserError(f"{path} holds no images")
         fr = [img(q) for q in files]
         if len({f.shape for f in fr}) > 1: raise UserError(f"the images in {path} differ in size: a frame sequence needs one size")
@@ -412,7 +420,7 @@ def load_media(path, fps: float | None = None, max_frames: int | None = None, re
 def content_hash(path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, or of a folder's images (names and bytes, in order)."
     h, path = hashlib.sha256(), Path(path)
-    files = sorted(q for q in path.iterdir() if _is_image(q)) if path.is_dir() else [path]
+    files = _frames_in(path) if path.is_dir() else [path]
     for q in files:
         if path.is_dir(): h.update(q.name.encode() + b'\0')
         with open(q, 'rb') as f:
