@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_data.ipynb #1e361efd
 from __future__ import annotations
-import json, importlib.util, warnings
+import json, importlib.util, unicodedata, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -31,6 +31,11 @@ def list_images(folder) -> list[str]:
     if not rel: raise UserError(f"no images ({', '.join('*' + e for e in IMAGE_EXTS)}) under {folder}: pass a folder of aligned face images (CelebA-HQ layout)")
     return rel
 
+def _image_key(name: str) -> str:
+    """How an image path is matched between a caption file and the folder: POSIX separators (a Windows `sub\\a.png`),
+    no spaces around it, Unicode NFC — macOS writes file names decomposed (NFD), editors write captions composed."""
+    return unicodedata.normalize('NFC', Path(name.strip().replace('\\', '/')).as_posix())
+
 def read_captions(path) -> dict[str, str]:
     "Read a JSONL caption file into {relative image path: caption}; a `UserError` naming the bad line."
     path = Path(path).expanduser()
@@ -46,7 +51,7 @@ def read_captions(path) -> dict[str, str]:
         except json.JSONDecodeError as e: raise UserError(f"{path}:{i} is not JSON ({e.msg}): each line must be {{\"image\": ..., \"caption\": ...}}") from None
         if not isinstance(rec, dict) or not isinstance(rec.get('image'), str) or not isinstance(rec.get('caption'), str) or not rec['caption'].strip():
             raise UserError(f"{path}:{i} needs a string 'image' and a non-empty string 'caption'")
-        caps[Path(rec['image']).as_posix()] = ' '.join(rec['caption'].split())
+        caps[_image_key(rec['image'])] = ' '.join(rec['caption'].split())
     if not caps: raise UserError(f"caption file {path} is empty")
     return caps
 
@@ -163,16 +168,16 @@ class FaceDataset(torch.utils.data.Dataset):
         self.folder, self.size, self.quiet = Path(folder).expanduser(), size, quiet
         rel = list_images(self.folder)
         self.skipped: dict[str, str] = {}
-        if captions is None: caps = {r: default_caption for r in rel}
+        if captions is None: caps = {_image_key(r): default_caption for r in rel}
         else:
-            caps = dict(captions) if isinstance(captions, dict) else read_captions(captions)
-            hit = [r for r in rel if r in caps]
+            caps = {_image_key(k): v for k, v in captions.items()} if isinstance(captions, dict) else read_captions(captions)
+            hit = [r for r in rel if _image_key(r) in caps]
             if not hit:
                 raise UserError(f"the caption file matches none of the {len(rel)} images in {self.folder} (file has e.g. "
                                 f"{next(iter(caps))!r}, folder has e.g. {rel[0]!r}): image paths must be relative to the folder")
             for r in rel:
-                if r not in caps: self.skipped[r] = 'no caption'
-            extra = [k for k in caps if k not in set(rel)]
+                if _image_key(r) not in caps: self.skipped[r] = 'no caption'
+            extra = [k for k in caps if k not in {_image_key(r) for r in rel}]
             if extra and not quiet: warnings.warn(f"{len(extra)} caption(s) name images not in {self.folder}, e.g. {extra[0]!r}; ignored")
         for r in rel:
             if r in self.skipped: continue
@@ -184,7 +189,7 @@ class FaceDataset(torch.utils.data.Dataset):
                 except _UNREADABLE as e: self.skipped[r] = f'unreadable ({type(e).__name__})'; continue
                 if not len(detect_faces((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8), upsample=1)): self.skipped[r] = 'no face found'
         self.paths = [r for r in rel if r not in self.skipped]
-        self.captions = [caps[r] for r in self.paths]
+        self.captions = [caps[_image_key(r)] for r in self.paths]
         if self.skipped: self._warn_skipped(len(rel))
         if not self.paths:
             raise UserError(f"none of the {len(rel)} images in {self.folder} is usable ({self._summary()}): check the folder and the caption file")
