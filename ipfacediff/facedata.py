@@ -10,15 +10,14 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from .utils import UserError, atomic_output, data_path, resolve_device, resolve_dtype, rgb_image, _check_target
+from .utils import UserError, IMAGE_EXTS, atomic_output, data_path, resolve_device, resolve_dtype, rgb_image, _check_target
 from .faces import track_faces, align_faces, detect_faces
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'DEFAULT_BLIP2', 'list_images', 'read_captions', 'write_captions', 'load_image', 'align_face',
-           'caption_images', 'load_attributes', 'EditPrompts', 'FaceDataset', 'demo_faces']
+__all__ = ['DEFAULT_BLIP2', 'list_images', 'read_captions', 'write_captions', 'load_image', 'align_face', 'caption_images',
+           'load_attributes', 'EditPrompts', 'FaceDataset', 'demo_faces']
 
 # %% ../nbs/05_data.ipynb #d72af3af
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)   # what Pillow raises for a file it cannot use
 
 def list_images(folder) -> list[str]:

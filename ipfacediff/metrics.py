@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from tqdm.auto import tqdm
-from .utils import UserError, atomic_dir, usable_cache_dir, check_report_folder, rgb_image, weights_fingerprint
+from .utils import UserError, IMAGE_EXTS, atomic_dir, usable_cache_dir, check_report_folder, rgb_image, weights_fingerprint
 
 # %% auto #0
-__all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'IMAGE_EXTS', 'crops_at', 'face_crops', 'cosine_distance', 'frame_embeddings',
-           'video_embedding', 'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics',
-           'raft_available', 'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id',
-           'clip_direction_score', 'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings',
-           'embedder_name', 'embed_frames', 'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery',
-           'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
+__all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
+           'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics', 'raft_available',
+           'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id', 'clip_direction_score',
+           'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
+           'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate',
+           'check_folder', 'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -369,8 +369,6 @@ class StageTimer:
 
 # %% ../nbs/10_metrics.ipynb #14751606
 VIDEO_EXTS = ('.mp4', '.mov', '.mkv', '.avi', '.webm', '.m4v', '.mpg', '.mpeg')
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
-
 def _is_image(p: Path) -> bool: return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.')
 
 def _frame_order(p: Path) -> tuple:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'usable_cache_dir', 'inside',
-           'check_report_folder', 'check_seed', 'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype',
-           'seed_everything', 'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
+__all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir',
+           'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers', 'rgb_image',
+           'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint', 'to_device',
+           'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -140,6 +141,8 @@ def cpu_workers(workers: int | None = None) -> int:
     except AttributeError: return max(1, os.cpu_count() or 1)
 
 # %% ../nbs/00a_utils.ipynb #006cf707
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')   # what Pillow reads, here and in `evaluate`
+
 def rgb_image(im):
     """An RGB Pillow image of `im`, upright by its EXIF orientation; 16-/32-bit greyscale (modes I;16…, I) scaled to 8 bits
     rather than clipped by `convert`: by 255/65535, or by 255/its largest value where a 32-bit image goes beyond 16 bits."""
