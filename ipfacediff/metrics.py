@@ -385,15 +385,20 @@ def list_media(folder) -> dict[str, Path]:
     if not folder.exists(): raise UserError(f"no such folder: {folder}")
     if folder.is_file(): return {folder.stem: folder}          # read as an image or a video when loaded (`load_media`)
     items: dict[str, Path] = {}
+    ignored = []                                               # named in one warning: nothing is left out unsaid
     for p in sorted(folder.iterdir()):
         if p.name.startswith('.'): continue
         if p.is_file() and p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS: name = p.stem
         elif p.is_dir() and any(_is_image(q) for q in p.iterdir()): name = p.name
-        else: continue
+        else: ignored.append(p.name + ('/' if p.is_dir() else '')); continue
         if name in items: raise UserError(f"two items in {folder} are both named {name!r} ({items[name].name}, {p.name}): rename one")
         items[name] = p
     if not items:
         raise UserError(f"{folder} holds no videos ({', '.join(VIDEO_EXTS)}), images or folders of images: check the path")
+    if ignored:
+        warnings.warn(f"{folder}: left out {len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} that {'is' if len(ignored) == 1 else 'are'} "
+                      f"not a video ({', '.join(VIDEO_EXTS)}), an image ({', '.join(IMAGE_EXTS)}) or a folder of images "
+                      f"(frames directly inside it): {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}")
     return items
 
 def load_media(path, fps: float | None = None, max_frames: int | None = None, return_fps: bool = False):
@@ -402,13 +407,21 @@ def load_media(path, fps: float | None = None, max_frames: int | None = None, re
     path = Path(path)
     def img(p):
         try:
-            with Image.open(p) as im: return np.asarray(rgb_image(im))
+            with Image.open(p) as im:
+                if getattr(im, 'n_frames', 1) > 1:              # an animated WebP, a multi-page TIFF: a still here
+                    warnings.warn(f"{p} holds {im.n_frames} frames (animated or multi-page): only the first is read; "
+                                  f"give a video or a folder of frames to score them all")
+                return np.asarray(rgb_image(im))
         except Exception as e: raise UserError(f"cannot read the image {p} ({type(e).__name__}): is it damaged?") from None
     if path.is_dir():
         files = _frames_in(path)[:max_frames]
         if not files: raise UserError(f"{path} holds no images")
         fr = [img(q) for q in files]
-        if len({f.shape for f in fr}) > 1: raise UserError(f"the images in {path} differ in size: a frame sequence needs one size")
+        odd = next((k for k, f in enumerate(fr) if f.shape != fr[0].shape), None)
+        if odd is not None:
+            hw = lambda k: f'{fr[k].shape[1]}×{fr[k].shape[0]}'
+            raise UserError(f"the images in {path} differ in size: {files[odd].name} is {hw(odd)}, {files[0].name} {hw(0)}; "
+                            f"a frame sequence needs one size")
         return (np.stack(fr), None) if return_fps else np.stack(fr)
     if path.suffix.lower() in IMAGE_EXTS: return (img(path)[None], None) if return_fps else img(path)[None]
     from ipfacediff.video import read_video
@@ -541,14 +554,15 @@ def build_gallery(folder, embedder, cache_dir=None, fps: float | None = None, ma
                   size: int = 512, batch_size: int = 16, progress: bool = True) -> Gallery:
     "Embed every video/still/image folder in `folder` with `embedder` (cached in `cache_dir`); see above."
     items, name = list_media(folder), embedder_name(embedder)
-    stats, names, embs, nf, nd, skipped = EmbedStats(), [], [], [], [], []
+    stats, names, embs, nf, nd, skipped, faceless = EmbedStats(), [], [], [], [], [], []
     for n, p in tqdm(items.items(), desc=f'gallery ({name})', disable=not progress):
         try: fe = embed_media(p, {name: embedder}, cache_dir, fps, max_frames, size, batch_size, stats)[name]
-        except UserError as e:
-            if 'no face' not in str(e): raise
+        except UserError as e:                                  # no face, or a damaged file: one item, not the whole gallery
+            if 'no face' in str(e): faceless.append(n)
+            else: warnings.warn(f"gallery item {n} left out: {e}")
             skipped.append(n); continue
         names.append(n); embs.append(fe.embedding); nf.append(fe.n_frames); nd.append(fe.n_faces)
-    if skipped: warnings.warn(f"gallery {folder}: no face found in {len(skipped)} item(s), left out: {', '.join(skipped[:10])}")
+    if faceless: warnings.warn(f"gallery {folder}: no face found in {len(faceless)} item(s), left out: {', '.join(faceless[:10])}")
     if not names: raise UserError(f"no face was found in any item of the gallery {folder}")
     return Gallery(names, np.stack(embs), np.array(nf), np.array(nd), name, skipped, stats)
 
@@ -711,8 +725,12 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             with timer('read video'): fr, orig_fps[n] = load_media(p, fps=fps, max_frames=max_frames, return_fps=True)
             orig_frames[n] = fr
         orig_hash[n] = content_hash(p)
-        with timer('faces + embeddings'): orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, digest=orig_hash[n], **kw)
-    gal_names = list(originals)
+        with timer('faces + embeddings'):
+            try: orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, digest=orig_hash[n], **kw)
+            except UserError as e:              # an original no edit is paired with is only a distractor in the ranking
+                if n in needed: raise
+                warn(f"original {n} (no edit of it given): {'no face found' if 'no face' in str(e) else e}, left out of the gallery"); continue
+    gal_names = [n for n in originals if n in orig_emb]
     gal = {r: [orig_emb[n][r].embedding for n in gal_names] for r in recs}
     if gallery is not None:
         # an original that is also in the gallery (CelebV-HQ's 50 test videos are among its 35 000) would tie with
@@ -723,9 +741,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             if h in orig_hashes: copies += 1; continue
             with timer('gallery embeddings'):
                 try: fe = embed_media(p, embs, cache_dir, digest=h, **kw)
-                except UserError as e:
-                    if 'no face' not in str(e): raise
-                    warn(f"gallery item {n}: no face found, left out"); continue
+                except UserError as e:          # no face, or a damaged file: one distractor fewer, not a lost evaluation
+                    warn(f"gallery item {n}: {'no face found' if 'no face' in str(e) else e}, left out"); continue
             gal_names.append(f'gallery:{n}')
             for r in recs: gal[r].append(fe[r].embedding)
         if copies: warn(f"{copies} gallery item(s) are byte-for-byte copies of originals and were left out (each original is in the gallery once)")

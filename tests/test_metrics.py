@@ -1,5 +1,5 @@
 "`ipfacediff.metrics`: identity retrieval on real faces (dlib ResNet), warp error, TL/TG-ID, CLIP direction, timing, gallery cache, `ipfacediff evaluate`."
-import json, os, shutil, subprocess, sys, time, warnings
+import json, os, re, shutil, subprocess, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import pytest, torch, cv2
@@ -137,6 +137,13 @@ def test_build_gallery_uses_the_cache(tmp_path, people, dlib_emb):
     np.testing.assert_allclose(g1.embeddings, g2.embeddings)
     with pytest.raises(UserError, match='holds no videos'):
         (tmp_path / 'empty').mkdir(); M.build_gallery(tmp_path / 'empty', dlib_emb)
+    (g / 'broken.png').write_bytes(b'not an image')          # a damaged file is one item fewer, named, not a lost gallery
+    with pytest.warns(UserWarning) as rec:
+        g3 = M.build_gallery(g, dlib_emb, cache_dir=tmp_path / 'cache', progress=False)
+    said = [str(w.message) for w in rec]
+    assert any(re.match(r'gallery item broken left out: cannot read the image .*broken\.png', w) for w in said), said
+    assert any('no face found in 1 item(s), left out: blank' in w for w in said), said
+    assert g3.names == ['astronaut', 'grace_hopper'] and g3.skipped == ['blank', 'broken']
 
 
 # ---------------------------------------------------------------- temporal
