@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_data.ipynb #1e361efd
 from __future__ import annotations
-import json, importlib.util, unicodedata, warnings
+import csv, io, json, importlib.util, unicodedata, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -35,23 +35,64 @@ def _image_key(name: str) -> str:
     no spaces around it, Unicode NFC — macOS writes file names decomposed (NFD), editors write captions composed."""
     return unicodedata.normalize('NFC', Path(name.strip().replace('\\', '/')).as_posix())
 
+_IMAGE_COLS, _CAPTION_COLS = ('image', 'file_name'), ('caption', 'text')   # ours; Hugging Face imagefolder's metadata
+
+def _caption_records(path: Path, text: str):
+    "`(where, record)` pairs of a caption file: JSONL lines, a whole-file JSON array or {image: caption} object, or CSV/TSV rows."
+    head = text.lstrip()
+    if path.suffix.lower() in ('.csv', '.tsv'):
+        rows = csv.DictReader(io.StringIO(text), delimiter='\t' if path.suffix.lower() == '.tsv' else ',')
+        cols = rows.fieldnames or []
+        if not (set(cols) & set(_IMAGE_COLS) and set(cols) & set(_CAPTION_COLS)):
+            raise UserError(f"{path}: a CSV caption file needs a header row with an 'image' (or 'file_name') and a 'caption' (or 'text') column, got {cols}")
+        return [(f'{path}:{k}', r) for k, r in enumerate(rows, 2)]
+    if head.startswith('['):
+        try: recs = json.loads(text)
+        except json.JSONDecodeError as e: raise UserError(f"{path} starts like a JSON array but is not JSON ({e.msg}, line {e.lineno})") from None
+        return [(f'{path} item {k}', r) for k, r in enumerate(recs, 1)]
+    if head.startswith('{'):                                 # one object {image: caption, ...}, or JSONL's first line
+        try: obj = json.loads(text)
+        except json.JSONDecodeError: obj = None              # JSONL: read line by line below
+        if isinstance(obj, dict) and not set(obj) & set(_IMAGE_COLS) and all(isinstance(v, str) for v in obj.values()):
+            return [(f'{path} key {k!r}', {'image': k, 'caption': v}) for k, v in obj.items()]
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip(): continue
+        try: out.append((f'{path}:{i}', json.loads(line)))
+        except json.JSONDecodeError as e: raise UserError(f"{path}:{i} is not JSON ({e.msg}): each line must be {{\"image\": ..., \"caption\": ...}}") from None
+    return out
+
+def _inside(folder: Path, key: str) -> str:
+    "A caption's image key relative to `folder` where it was written as an absolute (or `~`) path inside it; else as it was."
+    p = Path(key).expanduser()
+    if p.is_absolute():
+        for base in (folder, folder.resolve()):
+            if p.is_relative_to(base): return _image_key(p.relative_to(base).as_posix())
+    return key
+
 def read_captions(path) -> dict[str, str]:
-    "Read a JSONL caption file into {relative image path: caption}; a `UserError` naming the bad line."
+    """Read a caption file into {relative image path: caption}; a `UserError` naming the bad line. JSONL (ours:
+    `{"image", "caption"}`; Hugging Face imagefolder's `metadata.jsonl`: `{"file_name", "text"}`), a JSON array of such
+    records, one JSON object `{image: caption}`, or CSV/TSV with a header row naming those columns."""
     path = Path(path).expanduser()
     if path.is_dir(): raise UserError(f"caption file {path} is a folder: pass --captions with a JSONL file")
     if not path.is_file(): raise UserError(f"caption file {path} does not exist: pass --captions with a JSONL file, or caption the images first")
-    caps = {}
     try: text = path.read_text(encoding='utf-8-sig')         # a byte-order mark, as Windows editors write, is dropped
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save the caption file as UTF-8 JSONL") from None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except json.JSONDecodeError as e: raise UserError(f"{path}:{i} is not JSON ({e.msg}): each line must be {{\"image\": ..., \"caption\": ...}}") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get('image'), str) or not isinstance(rec.get('caption'), str) or not rec['caption'].strip():
-            raise UserError(f"{path}:{i} needs a string 'image' and a non-empty string 'caption'")
-        caps[_image_key(rec['image'])] = ' '.join(rec['caption'].split())
+    caps, first, twice = {}, {}, []
+    for where, rec in _caption_records(path, text):
+        get = lambda cols: next((rec[c] for c in cols if isinstance(rec, dict) and c in rec), None)
+        img, cap = get(_IMAGE_COLS), get(_CAPTION_COLS)
+        if not isinstance(img, str) or not img.strip() or not isinstance(cap, str) or not cap.strip():
+            raise UserError(f"{where} needs a string 'image' and a non-empty string 'caption'")
+        k, cap = _image_key(img), ' '.join(cap.split())
+        if k in caps and caps[k] != cap: twice.append((k, first[k], where))
+        caps[k] = cap; first.setdefault(k, where)
     if not caps: raise UserError(f"caption file {path} is empty")
+    if twice:
+        k, a, b = twice[0]
+        warnings.warn(f"{len(twice)} image(s) have two different captions, and the last one is used: e.g. {k} ({a}, then {b})")
     return caps
 
 def write_captions(captions: dict[str, str], path, overwrite: bool = False) -> Path:
@@ -170,6 +211,7 @@ class FaceDataset(torch.utils.data.Dataset):
         if captions is None: caps = {_image_key(r): default_caption for r in rel}
         else:
             caps = {_image_key(k): v for k, v in captions.items()} if isinstance(captions, dict) else read_captions(captions)
+            caps = {_inside(self.folder, k): v for k, v in caps.items()}
             hit = [r for r in rel if _image_key(r) in caps]
             if not hit:
                 raise UserError(f"the caption file matches none of the {len(rel)} images in {self.folder} (file has e.g. "
@@ -178,7 +220,8 @@ class FaceDataset(torch.utils.data.Dataset):
                 if _image_key(r) not in caps: self.skipped[r] = 'no caption'
             extra = [k for k in caps if k not in {_image_key(r) for r in rel}]
             if extra and not quiet: warnings.warn(f"{len(extra)} caption(s) name images not in {self.folder}, e.g. {extra[0]!r}; ignored")
-        for r in rel:
+        from tqdm.auto import tqdm
+        for r in tqdm(rel, desc='checking faces', disable=quiet or not check_faces, leave=False):   # detection: ~0.1 s an image
             if r in self.skipped: continue
             try:
                 with Image.open(self.folder / r) as im: im.size

@@ -65,6 +65,7 @@ class FinetuneConfig:
     num_workers: int = 0
     device: str = 'auto'
     tensorboard: bool = False
+    check_faces: bool = False              # leave out images where dlib finds no face (one detection per image, at the start)
 
     def check(self) -> 'FinetuneConfig':
         "Validate every setting up front (before anything is loaded or written); fill in the default lr. Errors name the CLI options."
@@ -73,7 +74,8 @@ class FinetuneConfig:
         if not self.out: raise UserError("no output folder: pass --out DIR")
         check_seed(self.seed)
         if self.mode == 'directional' and not self.captions:
-            raise UserError("directional fine-tuning (ε2) needs reference captions: pass --captions FILE.jsonl (see `caption_images` for BLIP-2)")
+            raise UserError("directional fine-tuning (ε2) needs reference captions: pass --captions FILE.jsonl (lines {\"image\": ..., \"caption\": ...}; "
+                            "BLIP-2 writes one: python -c \"from ipfacediff.facedata import caption_images; caption_images('FACES', out='captions.jsonl')\")")
         for k in ('steps', 'batch_size', 'size', 'grad_accum', 'checkpoint_every', 'keep_checkpoints', 'inversion_steps', 'gen_steps', 'rank'):
             if getattr(self, k) < 1: raise UserError(f"{_opt(k)} must be at least 1, got {getattr(self, k)}")
         for k in ('warmup_steps', 'num_workers'):
@@ -241,7 +243,7 @@ class Finetuner:
         try: self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=dev.type == 'cpu')
         except ValueError as e: raise UserError(f"--mixed-precision {cfg.mixed_precision}: {str(e).splitlines()[0]}") from None
         dev = self.acc.device
-        self.dataset = dataset if dataset is not None else FaceDataset(cfg.data, cfg.captions, size=cfg.size)
+        self.dataset = dataset if dataset is not None else FaceDataset(cfg.data, cfg.captions, size=cfg.size, check_faces=cfg.check_faces)
         if len(self.dataset) < cfg.batch_size * self.acc.num_processes:
             warnings.warn(f"only {len(self.dataset)} images for a global batch of {cfg.batch_size * self.acc.num_processes}: images repeat within a batch")
         comps = comps if comps is not None else (tiny_components(cfg.seed) if cfg.tiny else load_components(cfg.model, device='cpu', dtype=torch.float32))
@@ -563,7 +565,8 @@ def add_cli(sub):
     d = FinetuneConfig()
     p.add_argument('mode', choices=['identity', 'directional'], help='identity: ε1 with L_id; directional: ε2 with L_dir')
     p.add_argument('--data', required=True, help='folder of aligned face images (CelebA-HQ layout)')
-    p.add_argument('--captions', help='JSONL reference captions {"image", "caption"} (required for directional)')
+    p.add_argument('--captions', help='reference captions (required for directional): JSONL {"image", "caption"}, or imagefolder metadata.jsonl/.csv')
+    p.add_argument('--check-faces', action='store_true', help="leave out images where dlib's detector finds no face (checked once, at the start)")
     p.add_argument('--out', required=True, help='run folder (adapter or unet/, checkpoints/, log.csv)')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--lora', dest='lora', action='store_true', default=True, help='LoRA adapters (default)')
