@@ -60,7 +60,11 @@ class EditConfig:
 
     def validate(self) -> 'EditConfig':
         "Check every setting; a `UserError` that says what to change, else `self`."
-        if not self.prompt or not self.prompt.strip(): raise UserError("the prompt is empty: say what to change, e.g. --prompt 'add glasses'")
+        for name, v in (('prompt', self.prompt), ('source_prompt', self.source_prompt), ('negative_prompt', self.negative_prompt)):
+            if not isinstance(v, str):       # several attributes are one prompt ("add glasses and a beard"), not a list
+                raise UserError(f"{name} must be one string, got {type(v).__name__} {v!r}" + (": put every attribute in one prompt, "
+                                "e.g. 'add glasses and a beard'" if isinstance(v, (list, tuple)) else ''))
+        if not self.prompt.strip(): raise UserError("the prompt is empty: say what to change, e.g. --prompt 'add glasses'")
         for flag, n in (('--steps', self.steps), ('--inversion-steps', self.inversion_steps)):   # DDIM's grid on T = 1000 holds 999
             if not 1 <= n <= 999: raise UserError(f"{flag} must be between 1 and 999 (50 is usual), got {n}")
         if not _grid_contains(self.inversion_steps, self.steps):
@@ -73,7 +77,7 @@ class EditConfig:
         if self.fps is not None and check_fps(self.fps, '--fps') < 0.01:
             raise UserError(f"--fps {self.fps:g} is below 0.01 frames per second (one frame in 100 s): give a higher rate")
         if not (math.isfinite(self.guidance) and self.guidance >= 0): raise UserError(f"--guidance must be a finite number ≥ 0 (7.5 is usual), got {self.guidance}")
-        check_seed(self.seed)
+        self.seed = check_seed(self.seed)            # a NumPy integer becomes the int torch.Generator takes
         if self.nn_from not in ('edit', 'source'): raise UserError(f"nn_from must be 'edit' or 'source', got {self.nn_from!r}")
         if self.mask not in MASK_REGIONS: raise UserError(f"--mask must be one of {', '.join(MASK_REGIONS)}, got {self.mask!r}")
         if self.keyframe_window is not None and self.keyframe_window < 1: raise UserError(f"--keyframe-window must be at least 1 (or 0 for all keyframes in one group; None in Python), got {self.keyframe_window}")
@@ -135,14 +139,18 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 # %% ../nbs/09_pipeline.ipynb #ae874de5
 class IPFaceDiffPipeline:
     "IP-FaceDiff editing: ε1 (identity branch) guides ε2 (editing branch) over keyframes propagated to all frames."
-    def __init__(self, components: SDComponents, eps1=None, eps2=None, cache_dir=None, progress: bool = True, smoke: bool = False):
+    def __init__(self, components: SDComponents, eps1=None, eps2=None, cache_dir=None, progress: bool = True, smoke: bool = False,
+                 adapters: AdapterRows | None = None):
         self.c = components
         self.eps1 = eps1 if eps1 is not None else components.unet
         self.eps2 = eps2 if eps2 is not None else components.unet
+        for u in {id(u): u for u in (self.eps1, self.eps2)}.values():
+            rows = getattr(u, '_ipf_adapter_rows', None)       # another pipeline's ε1/ε2 adapters live in this UNet
+            if rows is not None and rows is not adapters: raise UserError(_SHARED_UNET)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress, self.smoke = progress, smoke
         self.calls = Counter()
-        self.adapters: AdapterRows | None = None   # set when ε1 and ε2 are LoRA adapters of one UNet (one forward for both)
+        self.adapters = adapters                    # set when ε1 and ε2 are LoRA adapters of one UNet (one forward for both)
         self.kf_pairs, self.max_keyframe_group = 0, 0  # extended attention of the last edit: Σ rows·(g−1) over groups; largest g
 
     @classmethod
@@ -154,13 +162,15 @@ class IPFaceDiffPipeline:
 
     @classmethod
     def from_components(cls, comps: SDComponents, identity_model=None, edit_model=None, batch_adapters: bool = True, **kw):
-        "ε1/ε2 built on the base UNet of `comps` (see `from_pretrained`)."
+        """ε1/ε2 built on the base UNet of `comps` (see `from_pretrained`). LoRA adapter branches are loaded into `comps.unet` itself
+        (one copy of the weights): build any other pipeline, or `Finetuner`, from components loaded again."""
+        if lora_layers(comps.unet): raise UserError(_SHARED_UNET)   # its adapters would run under the base's name, or twice
         specs = tuple(local_branch(s) for s in (identity_model, edit_model))   # a LoRA's hub id: its cached folder
         pair = None
         if batch_adapters and any(is_lora_dir(s) for s in specs) and all(is_lora_dir(s) or s in (None, '', 'base') for s in specs):
             pair = load_adapter_pair(comps.unet, *specs)
         if pair is not None:
-            p = cls(comps, pair[0], pair[0], **kw); p.adapters = pair[1]
+            p = cls(comps, pair[0], pair[0], adapters=pair[1], **kw)
         else:
             p = cls(comps, load_branch(specs[0], comps.unet, 'identity model (ε1)'),
                     load_branch(specs[1], comps.unet, 'edit model (ε2)'), **kw)
@@ -207,8 +217,13 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     read from / written to the cache when `key` is given."""
     path = self.cache_dir / 'inversion' / f'{key}.pt' if key else None
     if path is not None and path.exists():
-        try: return torch.load(path, map_location='cpu', weights_only=True), True
+        try: traj = torch.load(path, map_location='cpu', weights_only=True)
         except Exception: warnings.warn(f'ignoring an unreadable inversion cache file {path}')
+        else:                                                   # a file under that name from elsewhere: checked, not trusted
+            want = ddim_timesteps(cfg.steps)
+            if isinstance(traj, dict) and all(isinstance(traj.get(t), torch.Tensor) and traj[t].shape == z0.shape for t in want):
+                return traj, True
+            warnings.warn(f'ignoring an inversion cache file that does not fit this edit (other steps or latents): {path}')
     cfg.validate()                                              # the inversion grid must hold the editing grid
     abar = self.alphas_on(z0.device)
     c_src = encode_prompt(self.c, [cfg.source_prompt])
@@ -410,7 +425,9 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
             frames, info = read_video(video, fps=cfg.fps, max_frames=cfg.max_frames, progress=self.progress)
             fps, audio, start = info.fps, (video if info.has_audio else None), info.start
         else:
-            frames = np.asarray(video)
+            try: frames = np.asarray(video)
+            except ValueError: raise UserError("the frames differ in size: give frames of one size, uint8 RGB (N, H, W, 3)") from None
+            if frames.ndim == 4 and 0 in frames.shape[1:3]: raise UserError(f"the frames are empty ({frames.shape[2]}×{frames.shape[1]} pixels)")
             if frames.ndim != 4 or frames.dtype != np.uint8 or frames.shape[-1] != 3 or not len(frames):
                 raise UserError(f"frames must be uint8 RGB (N, H, W, 3) with N ≥ 1, got {frames.dtype} {frames.shape}")
             if fps is None: raise UserError("pass the frame rate (fps=) with raw frames")
@@ -454,10 +471,16 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
 IPFaceDiffPipeline.edit = edit
 IPFaceDiffPipeline.__call__ = edit
 
-def edit_video(video, prompt: str, out=None, pipeline: IPFaceDiffPipeline | None = None, **settings) -> EditResult:
-    "One call: edit `video` by `prompt` with `pipeline` (default: SD 2.1-base for both branches)."
+def edit_video(video, prompt: str, out=None, pipeline: IPFaceDiffPipeline | None = None, side_by_side=None,
+               overwrite: bool = False, **settings) -> EditResult:
+    """One call: edit `video` by `prompt` with `pipeline` (default: SD 2.1-base for both branches); `settings` are `EditConfig`
+    fields. `video` is a path, or uint8 frames (N, H, W, 3) — then `fps=` is their rate (a file's `fps=` resamples it)."""
+    raw = not isinstance(video, (str, os.PathLike))
+    if raw and settings.get('fps') is None: raise UserError("pass the frame rate of the frames: edit_video(frames, prompt, fps=...)")
+    rate = settings.pop('fps') if raw else None
+    cfg = EditConfig(prompt, **settings).validate()           # before SD is loaded
     pipe = pipeline or IPFaceDiffPipeline.from_pretrained()
-    return pipe.edit(video, EditConfig(prompt, **settings), out=out)
+    return pipe.edit(video, cfg, out=out, side_by_side=side_by_side, overwrite=overwrite, fps=rate)
 
 # %% ../nbs/09_pipeline.ipynb #91ce26ad
 def is_lora_dir(spec) -> bool:
@@ -477,6 +500,9 @@ def rows_routable(layer) -> bool:
     return (all(isinstance(a, kinds) for a in layer.lora_A.values()) and not getattr(layer, 'lora_variant', None)
             and not any(getattr(layer, 'use_dora', {}).values()))
 
+_SHARED_UNET = ("the UNet of these components already carries LoRA adapters (a pipeline with adapter branches or a LoRA "
+                "Finetuner built on them loads them into it): load the components again (load_components / tiny_components) for this one")
+
 class AdapterRows:
     "ε1's and ε2's LoRA adapters of one UNet ('__base__' = the base weights), each applied to its own block of rows of every forward."
     def __init__(self, unet, eps1: str = 'eps1', eps2: str = 'eps2'):
@@ -490,6 +516,7 @@ class AdapterRows:
         for m in self.layers: m.enable_adapters(False)       # peft's forward now gives the base layer's output alone
         self._handles = [unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)]
         self._handles += [m.register_forward_hook(self._on_layer, with_kwargs=True) for m in self.layers]
+        unet._ipf_adapter_rows = self                         # whose rows these are: a second pipeline on this UNet is refused
 
     def _on_unet(self, module, args, kwargs):
         B = (args[0] if args else kwargs['sample']).shape[0]
@@ -523,6 +550,7 @@ class AdapterRows:
         for m in self.layers: m.enable_adapters(True)
         for p, g in self._grad: p.requires_grad_(g)
         self._handles = []
+        if getattr(self.unet, '_ipf_adapter_rows', None) is self: del self.unet._ipf_adapter_rows
 
 def load_adapter_pair(base, identity_model, edit_model) -> tuple[torch.nn.Module, AdapterRows] | None:
     """ε1 and ε2 (LoRA adapter folders, or None/'base' for the base weights) loaded into `base` itself, routed per row;
