@@ -99,7 +99,9 @@ class FinetuneConfig:
             if self.fixed_t not in grid: raise UserError(f"--fixed-t {self.fixed_t} is not on the {self.inversion_steps}-step DDIM grid (e.g. {grid[-5:]})")
         elif not any(self.t_min <= s <= self.t_max for s in grid):
             raise UserError(f"no DDIM timestep in [{self.t_min}, {self.t_max}] with {self.inversion_steps} steps: widen --t-min/--t-max")
-        self.lora_targets = tuple(self.lora_targets)
+        self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)   # 'to_q': one name
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise UserError(f"lora_targets must name UNet layers, e.g. ('to_q', 'to_k', 'to_v', 'to_out.0'), got {self.lora_targets!r}")
         return self
 
 _NO_CLI_OPTION = ('lora_alpha', 'lora_targets', 'weight_decay', 'max_grad_norm', 'generic_p')   # settings of the Python API only
@@ -228,7 +230,8 @@ LOG_FIELDS = ('step', 'loss', 'part1', 'part2', 't', 'lr', 'seconds')   # loss, 
 
 # %% ../nbs/06_finetune.ipynb #00222914
 class Finetuner:
-    "Fine-tune ε1 (mode 'identity', eq. 5) or ε2 (mode 'directional', eq. 6) as `cfg` says."
+    """Fine-tune ε1 (mode 'identity', eq. 5) or ε2 (mode 'directional', eq. 6) as `cfg` says. Given `comps`, their UNet is the
+    one trained: it gets the LoRA adapters (or, with `lora=False`, is itself updated) in place — load components again for another run."""
     def __init__(self, cfg: FinetuneConfig, comps: SDComponents | None = None, f_arc=None, clip=None,
                  dataset: FaceDataset | None = None, resume: bool | str = False, overwrite: bool = False):
         from accelerate import Accelerator
@@ -252,8 +255,15 @@ class Finetuner:
         for m in (comps.vae, comps.text_encoder): move(m, dev, wdt).eval().requires_grad_(False)
         unet = move(comps.unet, dev, torch.float32)
         if cfg.lora:   # adapters injected into the UNet itself (a PeftModel wrapper costs ~5× per tiny forward)
+            from peft.tuners.lora import LoraLayer
+            if any(isinstance(m, LoraLayer) for m in unet.modules()):
+                raise UserError("the UNet of these components already carries LoRA adapters (an earlier LoRA Finetuner or a pipeline with "
+                                "adapter branches put them there): pass components loaded again (load_components / tiny_components)")
             with seeded(cfg.seed, dev):             # lora_A's Kaiming init draws from torch's global RNG
-                unet.requires_grad_(False).add_adapter(_lora_config(cfg))
+                try: unet.requires_grad_(False).add_adapter(_lora_config(cfg))
+                except ValueError as e:             # peft: no layer of that name
+                    raise UserError(f"lora_targets {cfg.lora_targets} does not name layers of this UNet "
+                                    f"({str(e).splitlines()[0][:100]}): use names such as to_q, to_k, to_v, to_out.0, conv1") from None
             for n, p in unet.named_parameters(): p.requires_grad_('lora_' in n)
             self.model, self.base = unet, None     # the frozen base = the UNet with adapters disabled
         else:
