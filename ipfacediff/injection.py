@@ -4,6 +4,7 @@
 
 # %% ../nbs/07_injection.ipynb #490eedf3
 from __future__ import annotations
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 import torch
@@ -61,7 +62,7 @@ def injection_schedule(timesteps, attn_t: float = TAU_ATTN, conv_t: float = TAU_
     for name, v in (('attn_t', attn_t), ('conv_t', conv_t)):
         if not 0 <= v <= 1: raise UserError(f"{name} must be a fraction of the sampling steps between 0 and 1, got {v}")
     ts = [int(t) for t in timesteps]
-    na, nc = int(len(ts) * attn_t), int(len(ts) * conv_t)
+    na, nc = (math.floor(len(ts) * v + 1e-9) for v in (attn_t, conv_t))   # 0.58·50 = 28.999…: 29 steps, not 28
     return {t: (i < na, i < nc) for i, t in enumerate(ts)}
 
 # %% ../nbs/07_injection.ipynb #19b8c998
