@@ -90,8 +90,13 @@ def encode_prompt(comps: SDComponents, prompts: list[str] | str) -> torch.Tensor
     "Text embeddings c of shape (B, 77, D) for the UNet's cross-attention."
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tok = comps.tokenizer
-    ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True,
-              return_tensors='pt').input_ids.to(comps.text_encoder.device)
+    n = tok.model_max_length
+    for p, full in zip(prompts, tok(prompts, truncation=False, verbose=False).input_ids):
+        if len(full) > n:                              # CLIP reads 77 tokens (with start and end): the rest would be dropped unsaid
+            cut = tok.decode(full[n - 1:-1], skip_special_tokens=True).strip()
+            cut = cut if len(cut) <= 60 else f'{cut[:30]} … {cut[-25:]}'      # where the cut falls, and how the prompt ends
+            warnings.warn(f"the prompt is {len(full) - 2} tokens long and CLIP reads {n - 2}: {cut!r} at its end is left out; shorten it")
+    ids = tok(prompts, padding='max_length', max_length=n, truncation=True, return_tensors='pt').input_ids.to(comps.text_encoder.device)
     return comps.text_encoder(ids)[0].to(comps.dtype)
 
 def vae_encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,9 @@ def resolve_device(device: str | torch.device | None = 'auto') -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None = 'auto', device: torch.device | str = 'cpu') -> torch.dtype:
     "`'auto'` is float16 on CUDA and float32 on CPU (half precision is slow or unsupported there)."
-    if isinstance(dtype, torch.dtype): return dtype
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point: raise UserError(f"dtype {dtype} is not a floating-point type: use torch.float32, float16 or bfloat16")
+        return dtype
     if dtype is None or dtype == 'auto':
         return torch.float16 if torch.device(device).type == 'cuda' else torch.float32
     if dtype not in _DTYPES:
