@@ -375,6 +375,7 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
     p = Path(str(spec)).expanduser()
     dev, dt = base.device, base.dtype
     if (msg := _unfinished_run(p)) is not None: raise UserError(f"{name} {msg}")
+    _adapter_file_check(p, name)
     if p.is_dir() and (p / 'adapter_config.json').exists():
         from peft import PeftModel
         try:
@@ -402,6 +403,11 @@ def load_branch(spec, base: UNet2DConditionModel, name: str = 'branch') -> UNet2
         raise UserError(f"could not load {name} {spec} ({type(e).__name__}): pass a UNet folder (config.json + weights), a LoRA adapter folder, or a cached hub id") from None
     return m.to(dev).eval().requires_grad_(False)
 
+def _adapter_file_check(p: Path, name: str) -> None:
+    "A `UserError` for a file of a peft adapter folder (adapter_model.safetensors beside adapter_config.json): the folder is the branch."
+    if p.is_file() and (p.parent / 'adapter_config.json').exists():
+        raise UserError(f"{name} {p} is a file of the LoRA adapter folder {p.parent}: pass the folder")
+
 def check_adapter_keys(model, path, name: str = 'branch', adapter: str = 'default') -> None:
     "A `UserError` unless the peft adapter saved at `path` filled every LoRA weight of `adapter` in `model` (peft loads leniently: a mismatch would leave the base)."
     from peft.utils import get_peft_model_state_dict, load_peft_weights
@@ -422,6 +428,7 @@ def check_branch(spec, name: str = 'branch') -> None:
     if spec is None or str(spec) in ('', 'base'): return
     p = Path(str(local_branch(spec))).expanduser()
     if (msg := _unfinished_run(p)) is not None: raise UserError(f"{name} {msg}")
+    _adapter_file_check(p, name)
     if p.exists(): _lora_file(p); return        # a folder with several LoRA files is refused now
     if str(spec).startswith(('.', '/', '~')): raise UserError(f"{name} {p} does not exist: pass a UNet folder, a LoRA adapter folder or a hub id")
     _unet_source(p, spec, name)              # a hub id: its config must be found (in the cache, offline)
