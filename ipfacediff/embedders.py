@@ -538,7 +538,9 @@ def get_embedder(name: str = 'dlib', **kw) -> FaceEmbedder:
     key = name.strip().lower().replace('_', '-')
     if key not in EMBEDDERS:
         raise UserError(f"unknown face embedder {name!r}: use one of {', '.join(EMBEDDERS)}")
-    try: return EMBEDDERS[key](**kw)
+    try:
+        with torch.random.fork_rng(devices=[]):   # building the network draws its (then overwritten) initial weights: not from the caller's RNG
+            return EMBEDDERS[key](**kw)
     except TypeError as e:
         if 'argument' not in str(e): raise
         raise UserError(f"bad option for the {key} embedder ({e}): see help(ipfacediff.embedders.{getattr(EMBEDDERS[key], '__name__', 'recognizer_from_path')})") from None
