@@ -66,7 +66,7 @@ def _inside(folder: Path, key: str) -> str:
     "A caption's image key relative to `folder` where it was written as an absolute (or `~`) path inside it; else as it was."
     p = Path(key).expanduser()
     if p.is_absolute():
-        for base in (folder, folder.resolve()):
+        for base in (folder.absolute(), folder.resolve()):   # as given (through a link, as macOS's /tmp), and resolved
             if p.is_relative_to(base): return _image_key(p.relative_to(base).as_posix())
     return key
 
@@ -80,19 +80,19 @@ def read_captions(path) -> dict[str, str]:
     try: text = path.read_text(encoding='utf-8-sig')         # a byte-order mark, as Windows editors write, is dropped
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save the caption file as UTF-8 JSONL") from None
-    caps, first, twice = {}, {}, []
+    caps, first, twice = {}, {}, {}
     for where, rec in _caption_records(path, text):
         get = lambda cols: next((rec[c] for c in cols if isinstance(rec, dict) and c in rec), None)
         img, cap = get(_IMAGE_COLS), get(_CAPTION_COLS)
         if not isinstance(img, str) or not img.strip() or not isinstance(cap, str) or not cap.strip():
             raise UserError(f"{where} needs a string 'image' and a non-empty string 'caption'")
         k, cap = _image_key(img), ' '.join(cap.split())
-        if k in caps and caps[k] != cap: twice.append((k, first[k], where))
+        if k in caps and caps[k] != cap: twice[k] = where       # the image, and the line whose caption is used
         caps[k] = cap; first.setdefault(k, where)
     if not caps: raise UserError(f"caption file {path} is empty")
     if twice:
-        k, a, b = twice[0]
-        warnings.warn(f"{len(twice)} image(s) have two different captions, and the last one is used: e.g. {k} ({a}, then {b})")
+        k = next(iter(twice)); a, b = first[k], twice[k]
+        warnings.warn(f"{len(twice)} image(s) are captioned more than once with different text, and the last caption is used: e.g. {k} ({a}, last {b})")
     return caps
 
 def write_captions(captions: dict[str, str], path, overwrite: bool = False) -> Path:

@@ -94,7 +94,7 @@ def encode_prompt(comps: SDComponents, prompts: list[str] | str) -> torch.Tensor
     for p, full in zip(prompts, tok(prompts, truncation=False, verbose=False).input_ids):
         if len(full) > n:                              # CLIP reads 77 tokens (with start and end): the rest would be dropped unsaid
             cut = tok.decode(full[n - 1:-1], skip_special_tokens=True).strip()
-            cut = cut if len(cut) <= 60 else f'{cut[:30]} … {cut[-25:]}'      # where the cut falls, and how the prompt ends
+            cut = cut if len(cut) <= 60 else f'{cut[:30].rstrip()} … {cut[-25:].lstrip()}'      # where the cut falls, and how the prompt ends
             warnings.warn(f"the prompt is {len(full) - 2} tokens long and CLIP reads {n - 2}: {cut!r} at its end is left out; shorten it")
     ids = tok(prompts, padding='max_length', max_length=n, truncation=True, return_tensors='pt').input_ids.to(comps.text_encoder.device)
     return comps.text_encoder(ids)[0].to(comps.dtype)
