@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_finetune.ipynb #804bc9b7
 from __future__ import annotations
-import argparse, contextlib, copy, csv, dataclasses, hashlib, importlib.util, json, math, os, random, re, shutil, time, warnings
+import argparse, contextlib, copy, csv, dataclasses, hashlib, importlib.util, json, math, os, random, re, shlex, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -241,6 +241,9 @@ class Finetuner:
         if dev.type == 'cpu' and cfg.mixed_precision == 'fp16':
             raise UserError("--mixed-precision fp16 needs a GPU (on the CPU nothing would run in fp16 but the frozen VAE and text encoder): use bf16 or no")
         self.resume_from, clear_out = self._prepare_out(resume, overwrite)
+        for flag, p in (('--data', cfg.data), ('--captions', cfg.captions)):    # emptying --out must not take the inputs with it
+            if clear_out and p and inside(Path(p).expanduser(), self.out):
+                raise UserError(f"{flag} {p} lies inside --out {self.out}, which --overwrite empties first: move it out or choose another --out")
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()  # a new run in the same process may use another precision (the process group is kept)
         try: self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=dev.type == 'cpu')
@@ -512,6 +515,10 @@ class Finetuner:
                     w = csv.DictWriter(fh, LOG_FIELDS)
                     if new: w.writeheader()
                     w.writerow(row)
+            if not math.isfinite(row['loss']):       # diverged: no checkpoint or branch of NaN weights is written
+                bar.close()
+                raise UserError(f"the loss is {row['loss']} at step {self.step}: training diverged; start again (--overwrite) with a lower "
+                                f"--lr than {cfg.lr:g}" + (" or --mixed-precision bf16 / no" if cfg.mixed_precision == 'fp16' else ''))
                 if tb is not None:
                     for k in ('loss', 'part1', 'part2', 'lr'): tb.add_scalar(k, row[k], self.step)
             bar.update(1); bar.set_postfix(loss=f"{row['loss']:.4f}", t=t)
@@ -625,6 +632,6 @@ def add_cli(sub):
         if ft.acc.is_main_process:
             last = f"; last loss {rows[-1]['loss']:.4f}" if rows else ''
             flag = '--identity-model' if cfg.mode == 'identity' else '--edit-model'
-            print(f"{cfg.mode} branch at step {ft.step} in {ft.out}{last}; use it with: ipfacediff edit VIDEO --prompt ... {flag} {ft.out}"
+            print(f"{cfg.mode} branch at step {ft.step} in {ft.out}{last}; use it with: ipfacediff edit VIDEO --prompt ... {flag} {shlex.quote(str(ft.out))}"
                   + (' --tiny' if a.tiny else ''))
     p.set_defaults(func=run)
