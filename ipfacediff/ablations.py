@@ -341,6 +341,9 @@ def _run_cli(a) -> AblationResult:
         EditConfig(a.prompt, **s).validate()
         from ipfacediff.metrics import _parse_recognizers
         _parse_recognizers(a.recognizers)                                         # before the branches are fine-tuned
+        if a.gallery is not None:
+            from ipfacediff.metrics import list_media
+            list_media(a.gallery)                                                 # before the branches are fine-tuned
         _prepare_out(out, a.overwrite, [a.video], a.gallery)
         from ipfacediff.pipeline import default_cache_dir
         usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)      # before the branches are fine-tuned
@@ -351,6 +354,8 @@ def _run_cli(a) -> AblationResult:
             model, e1, e2 = tiny_branches(work, seed=a.seed or 0, progress=not a.quiet)
             def finish(tmp):   # the tiny assets join the study, and its recorded commands name them where they will lie
                 shutil.copytree(work, tmp / 'tiny', ignore=shutil.ignore_patterns('faces'))
+                umask = os.umask(0); os.umask(umask)         # mkdtemp's 0700 (and mkstemp's 0600) copied: the user's usual modes
+                for q in [tmp / 'tiny', *(tmp / 'tiny').rglob('*')]: os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~umask)
                 j = _replace_paths(json.loads((tmp / 'ablations.json').read_text()), str(work), str(out / 'tiny'))
                 (tmp / 'ablations.json').write_text(json.dumps(j, indent=2, ensure_ascii=False))
             res = run_ablations(a.video, a.prompt, out, e1, e2, model=str(model), configs=rows, recognizers=a.recognizers, gallery=a.gallery,

@@ -60,6 +60,9 @@ def test_tiny_study_end_to_end(study):
         assert 'edited frames: a miss' not in r.stderr
     # the fine-tuned branches were made on the spot and kept, and the recorded commands point at them
     assert (out / 'tiny' / 'eps1' / 'adapter_config.json').exists() and (out / 'tiny' / 'eps2' / 'adapter_config.json').exists()
+    umask = os.umask(0); os.umask(umask)                  # the copied tiny assets have the user's usual modes, not mkdtemp's 0700
+    for q in [out / 'tiny', *(out / 'tiny').rglob('*')]:
+        assert q.stat().st_mode & 0o777 == (0o777 if q.is_dir() else 0o666) & ~umask, (q, oct(q.stat().st_mode))
     assert f"--edit-model {out / 'tiny' / 'eps2'}" in j['rows']['full']['command']
     assert '--identity-model' not in j['rows']['ft_eps2']['command'] and '--no-identity-injection' in j['rows']['ft_eps2']['command']
     assert not [p for p in d.iterdir() if p.name.startswith('.')]   # no temporary folders left behind
@@ -91,6 +94,7 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, m
     ([str(Path(SAMPLE).parent), '--tiny'], 'is a folder: give one video file'),
     ([SAMPLE, '--tiny', '--grid-frames', '0'], '--grid-frames must be at least 1'),
     ([SAMPLE, '--tiny', '--recognizers', 'foo'], "unknown face embedder 'foo'"),
+    ([SAMPLE, '--tiny', '--gallery', '/nonexistent/gallery'], 'no such folder: /nonexistent/gallery'),
 ])
 def test_tiny_checks_before_fine_tuning(tmp_path, capsys, monkeypatch, args, msg):
     "A --tiny study fine-tunes its branches first: every check that needs no branch comes before that work."
