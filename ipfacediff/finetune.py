@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .utils import UserError, resolve_device, seeded, inside, check_seed, check_writable
 from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
-                               tiny_components, vae_decode, vae_encode)
+                               tiny_components, vae_decode, vae_encode, check_no_adapters)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
 from .losses import DEFAULT_CLIP, NADA_TEMPLATES, directional_clip_loss, identity_loss, load_clip, text_direction, tiny_clip
 from .facedata import EditPrompts, FaceDataset
@@ -258,10 +258,7 @@ class Finetuner:
         for m in (comps.vae, comps.text_encoder): move(m, dev, wdt).eval().requires_grad_(False)
         unet = move(comps.unet, dev, torch.float32)
         if cfg.lora:   # adapters injected into the UNet itself (a PeftModel wrapper costs ~5× per tiny forward)
-            from peft.tuners.lora import LoraLayer
-            if any(isinstance(m, LoraLayer) for m in unet.modules()):
-                raise UserError("the UNet of these components already carries LoRA adapters (an earlier LoRA Finetuner or a pipeline with "
-                                "adapter branches put them there): pass components loaded again (load_components / tiny_components)")
+            check_no_adapters(unet)                 # a second set of adapters would stack on an earlier run's
             with seeded(cfg.seed, dev):             # lora_A's Kaiming init draws from torch's global RNG
                 try: unet.requires_grad_(False).add_adapter(_lora_config(cfg))
                 except ValueError as e:             # peft: no layer of that name

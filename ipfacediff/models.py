@@ -15,7 +15,8 @@ from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
            'tiny_components', 'encode_prompt', 'vae_encode', 'vae_decode', 'check_scheduler', 'load_components',
-           'save_components', 'local_branch', 'load_branch', 'check_adapter_keys', 'check_branch']
+           'save_components', 'local_branch', 'load_branch', 'lora_layers', 'check_no_adapters', 'check_adapter_keys',
+           'check_branch']
 
 # %% ../nbs/01_models.ipynb #7195f596
 DEFAULT_MODEL = 'stabilityai/stable-diffusion-2-1-base'
@@ -407,6 +408,18 @@ def _adapter_file_check(p: Path, name: str) -> None:
     "A `UserError` for a file of a peft adapter folder (adapter_model.safetensors beside adapter_config.json): the folder is the branch."
     if p.is_file() and (p.parent / 'adapter_config.json').exists():
         raise UserError(f"{name} {p} is a file of the LoRA adapter folder {p.parent}: pass the folder")
+
+def lora_layers(unet) -> list:
+    "peft's LoRA layers in `unet`."
+    from peft.tuners.lora import LoraLayer
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+_ADAPTERS_PRESENT = ("the UNet of these components already carries LoRA adapters (a pipeline with adapter branches or a LoRA "
+                     "Finetuner built on them puts them there): load the components again (load_components / tiny_components)")
+
+def check_no_adapters(unet) -> None:
+    "A `UserError` when `unet` carries LoRA layers already: they would run under the base's name, or a second set would stack on them."
+    if lora_layers(unet): raise UserError(_ADAPTERS_PRESENT)
 
 def check_adapter_keys(model, path, name: str = 'branch', adapter: str = 'default') -> None:
     "A `UserError` unless the peft adapter saved at `path` filled every LoRA weight of `adapter` in `model` (peft loads leniently: a mismatch would leave the base)."

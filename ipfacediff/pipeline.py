@@ -14,7 +14,7 @@ from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _ch
                               device_timestep, weights_fingerprint, check_seed)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, check_adapter_keys, tiny_components,
-                               encode_prompt, vae_encode, vae_decode)
+                               encode_prompt, vae_encode, vae_decode, lora_layers, check_no_adapters, _ADAPTERS_PRESENT)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
 from .video import DECODE_RULES, read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices
@@ -25,8 +25,8 @@ from .metrics import StageTimer, content_hash
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
            'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
            'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'check_outputs',
-           'edit', 'edit_video', 'is_lora_dir', 'lora_layers', 'rows_routable', 'AdapterRows', 'load_adapter_pair',
-           'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
+           'edit', 'edit_video', 'is_lora_dir', 'rows_routable', 'AdapterRows', 'load_adapter_pair', 'optimize',
+           'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -146,7 +146,7 @@ class IPFaceDiffPipeline:
         self.eps2 = eps2 if eps2 is not None else components.unet
         for u in {id(u): u for u in (self.eps1, self.eps2)}.values():
             rows = getattr(u, '_ipf_adapter_rows', None)       # another pipeline's ε1/ε2 adapters live in this UNet
-            if rows is not None and rows is not adapters: raise UserError(_SHARED_UNET)
+            if rows is not None and rows is not adapters: raise UserError(_ADAPTERS_PRESENT)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress, self.smoke = progress, smoke
         self.calls = Counter()
@@ -164,7 +164,7 @@ class IPFaceDiffPipeline:
     def from_components(cls, comps: SDComponents, identity_model=None, edit_model=None, batch_adapters: bool = True, **kw):
         """ε1/ε2 built on the base UNet of `comps` (see `from_pretrained`). LoRA adapter branches are loaded into `comps.unet` itself
         (one copy of the weights): build any other pipeline, or `Finetuner`, from components loaded again."""
-        if lora_layers(comps.unet): raise UserError(_SHARED_UNET)   # its adapters would run under the base's name, or twice
+        check_no_adapters(comps.unet)
         specs = tuple(local_branch(s) for s in (identity_model, edit_model))   # a LoRA's hub id: its cached folder
         pair = None
         if batch_adapters and any(is_lora_dir(s) for s in specs) and all(is_lora_dir(s) or s in (None, '', 'base') for s in specs):
@@ -489,19 +489,11 @@ def is_lora_dir(spec) -> bool:
     p = Path(str(spec)).expanduser()
     return p.is_dir() and (p / 'adapter_config.json').exists()
 
-def lora_layers(unet) -> list:
-    "peft's LoRA layers in `unet`."
-    from peft.tuners.lora import LoraLayer
-    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
-
 def rows_routable(layer) -> bool:
     "Is the layer's LoRA term B(A(x))·s, row by row (linear or convolutional, no variant such as DoRA)?"
     kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     return (all(isinstance(a, kinds) for a in layer.lora_A.values()) and not getattr(layer, 'lora_variant', None)
             and not any(getattr(layer, 'use_dora', {}).values()))
-
-_SHARED_UNET = ("the UNet of these components already carries LoRA adapters (a pipeline with adapter branches or a LoRA "
-                "Finetuner built on them loads them into it): load the components again (load_components / tiny_components) for this one")
 
 class AdapterRows:
     "ε1's and ε2's LoRA adapters of one UNet ('__base__' = the base weights), each applied to its own block of rows of every forward."
