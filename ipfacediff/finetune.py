@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .utils import UserError, resolve_device, seeded, inside, check_seed, check_writable
+from .utils import UserError, resolve_device, seeded, inside, check_seed, check_writable, writing
 from .models import (DEFAULT_MODEL, move, SDComponents, encode_prompt, load_branch, load_components,
                                tiny_components, vae_decode, vae_encode, check_no_adapters)
 from .ddim import alphas_cumprod_sd, ddim_invert, ddim_step, ddim_timesteps, predict_x0
@@ -175,7 +175,7 @@ def save_lora(unet, path, lora_config) -> Path:
     from safetensors.torch import save_file
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     sd = {_PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-    save_file(sd, str(path / 'adapter_model.safetensors'))
+    with writing(path / 'adapter_model.safetensors'): save_file(sd, str(path / 'adapter_model.safetensors'))
     lora_config.save_pretrained(str(path))
     return path
 
@@ -327,8 +327,25 @@ class Finetuner:
         path = Path(path); path.mkdir(parents=True, exist_ok=True)
         m = self.unwrapped
         if self.cfg.lora: save_lora(m, path, _lora_config(self.cfg))
-        else: m.save_pretrained(str(path / 'unet'))
+        else:
+            with writing(path / 'unet'): m.save_pretrained(str(path / 'unet'))
         return path
+
+    def publish_branch(self) -> Path:
+        "The finished branch into `out`, whole or not at all: written to `out/.branch.partial`, then moved in."
+        tmp = self.out / '.branch.partial'
+        if tmp.exists(): shutil.rmtree(tmp)
+        try:
+            self.save_branch(tmp)
+            for p in sorted(tmp.iterdir()):
+                dst = self.out / p.name
+                if dst.is_dir(): shutil.rmtree(dst)
+                os.replace(p, dst)
+        except OSError as e:
+            raise OSError(e.errno, f"could not save the finished branch ({e.strerror}); checkpoint step_{self.step:06d} is complete, "
+                          f"so free some space, then run the same command with --resume", str(self.out)) from e
+        finally: shutil.rmtree(tmp, ignore_errors=True)
+        return self.out
 
     def save_checkpoint(self) -> Path | None:
         "Branch weights + optimizer, LR scheduler, grad scaler, RNG states, step and data position, written atomically."
@@ -339,20 +356,31 @@ class Finetuner:
         if self.acc.is_main_process:
             tmp = dst.with_name(dst.name + '.partial')
             if tmp.exists(): shutil.rmtree(tmp)
-            self.save_branch(tmp)
-            st = dict(optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
-                      scaler=self.acc.scaler.state_dict() if getattr(self.acc, 'scaler', None) is not None else None,
-                      generator=self.generator.get_state(), rng=_rng_state(), step=self.step,
-                      per_rank=sorted(per_rank, key=lambda r: r[0]), num_processes=self.acc.num_processes)
-            torch.save(st, tmp / 'training_state.pt')
-            (tmp / 'state.json').write_text(json.dumps(dict(step=self.step, micro_batches=self.step * self.cfg.grad_accum,
-                mode=self.cfg.mode, lora=self.cfg.lora, config={k: getattr(self.cfg, k) for k in _RESUME_KEYS},
-                data=self._data_id()), indent=1, default=str))
+            try: self._write_checkpoint(tmp, per_rank)
+            except BaseException as e:                  # a full disk, a kill: no half checkpoint is left to mislead --resume
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not isinstance(e, OSError): raise
+                last = _checkpoints(self.out)
+                raise OSError(e.errno, f"could not write the checkpoint of step {self.step} ({e.strerror}); nothing of it is kept: "
+                              + (f"the last complete one is {last[-1].name}, so free some space, then run the same command with --resume"
+                                 if last else "free some space, then run the same command again"), str(dst)) from e
             if dst.exists(): shutil.rmtree(dst)
             os.replace(tmp, dst)
             for old in _checkpoints(self.out)[:-self.cfg.keep_checkpoints]: shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return dst
+
+    def _write_checkpoint(self, tmp: Path, per_rank):
+        "The checkpoint's files into the folder `tmp`."
+        self.save_branch(tmp)
+        st = dict(optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
+                  scaler=self.acc.scaler.state_dict() if getattr(self.acc, 'scaler', None) is not None else None,
+                  generator=self.generator.get_state(), rng=_rng_state(), step=self.step,
+                  per_rank=sorted(per_rank, key=lambda r: r[0]), num_processes=self.acc.num_processes)
+        with writing(tmp / 'training_state.pt'): torch.save(st, tmp / 'training_state.pt')
+        (tmp / 'state.json').write_text(json.dumps(dict(step=self.step, micro_batches=self.step * self.cfg.grad_accum,
+            mode=self.cfg.mode, lora=self.cfg.lora, config={k: getattr(self.cfg, k) for k in _RESUME_KEYS},
+            data=self._data_id()), indent=1, default=str))
 
     def _data_id(self) -> str:
         "'N:hash' of the training set — its images' relative paths and captions (not where it lies): what decides the data order."
@@ -483,11 +511,11 @@ class Finetuner:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_faces)
         log_path, rows = self.out / 'log.csv', []
         tb = self._tensorboard() if cfg.tensorboard and acc.is_main_process else None
-        if acc.is_main_process: self._trim_log(log_path)
+        done_s = self._trim_log(log_path) if acc.is_main_process else 0.0     # seconds spent before the resumed checkpoint
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f'fine-tuning {"ε1 (L_id)" if cfg.mode == "identity" else "ε2 (L_dir)"}',
                    disable=not (progress and acc.is_main_process))
         self.model.train()
-        t0, acc_loss, acc_parts, micro = time.time(), 0.0, [0.0, 0.0], 0
+        t0, acc_loss, acc_parts, micro = time.time() - done_s, 0.0, [0.0, 0.0], 0
         data = iter(loader)
         while self.step < cfg.steps and (stop_at is None or self.step < stop_at):
             batch = next(data)
@@ -516,24 +544,26 @@ class Finetuner:
                 bar.close()
                 raise UserError(f"the loss is {row['loss']} at step {self.step}: training diverged; start again (--overwrite) with a lower "
                                 f"--lr than {cfg.lr:g}" + (" or --mixed-precision bf16 / no" if cfg.mixed_precision == 'fp16' else ''))
-                if tb is not None:
-                    for k in ('loss', 'part1', 'part2', 'lr'): tb.add_scalar(k, row[k], self.step)
+            if tb is not None:
+                for k in ('loss', 'part1', 'part2', 'lr'): tb.add_scalar(k, row[k], self.step)
             bar.update(1); bar.set_postfix(loss=f"{row['loss']:.4f}", t=t)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps: self.save_checkpoint()
         bar.close()
         if self.step >= cfg.steps:
             acc.wait_for_everyone()
-            if acc.is_main_process: self.save_branch(self.out)
+            if acc.is_main_process: self.publish_branch()
         if tb is not None: tb.close()
         return rows
 
-    def _trim_log(self, log_path: Path):
-        "Drop log rows past the resumed step (they belong to work lost when the run was killed)."
-        if not log_path.exists(): return
+    def _trim_log(self, log_path: Path) -> float:
+        "Drop log rows past the resumed step (they belong to work lost when the run was killed); the kept rows' last `seconds`."
+        if not log_path.exists(): return 0.0
         with open(log_path, newline='') as fh: old = list(csv.DictReader(fh))
         keep = [r for r in old if int(r['step']) <= self.step]
         with open(log_path, 'w', newline='') as fh:
             w = csv.DictWriter(fh, LOG_FIELDS); w.writeheader(); w.writerows(keep)
+        try: return float(keep[-1]['seconds']) if keep else 0.0
+        except (TypeError, ValueError): return 0.0
 
     def _tensorboard(self):
         try: from torch.utils.tensorboard import SummaryWriter

@@ -4,16 +4,16 @@
 
 # %% ../nbs/00a_utils.ipynb #99ea2755
 from __future__ import annotations
-import contextlib, copy, functools, hashlib, importlib.util, os, shutil, tempfile, random
+import contextlib, copy, errno, functools, hashlib, importlib.util, os, re, shutil, tempfile, random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir',
-           'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers', 'rgb_image',
-           'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint', 'to_device',
-           'device_timestep']
+__all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'writing',
+           'file_size_limit', 'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers',
+           'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint',
+           'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -88,6 +88,29 @@ def atomic_dir(path, overwrite: bool = False):
         else: os.replace(tmp, path)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00a_utils.ipynb #953eaa97
+@contextlib.contextmanager
+def writing(path):
+    "Inside the block, what safetensors or `torch.save` raise when a write fails becomes `OSError(errno, reason, path)`."
+    try: yield
+    except OSError: raise
+    except Exception as e:
+        if not (isinstance(e, RuntimeError) or type(e).__name__ == 'SafetensorError'): raise
+        m = re.search(r'os error (\d+)', str(e))             # safetensors (Rust) says which error the system gave
+        code = int(m.group(1)) if m else errno.EIO
+        reason = os.strerror(code) if m else 'incomplete write: is the disk full?'
+        raise OSError(code, reason, str(path)) from e
+
+# %% ../nbs/00a_utils.ipynb #a9559199
+@contextlib.contextmanager
+def file_size_limit(kib: int):
+    "A full disk for this process (POSIX): inside the block a write past `kib` KiB fails with EFBIG (Python ignores SIGXFSZ)."
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, hard))
+    try: yield
+    finally: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 # %% ../nbs/00a_utils.ipynb #8eb46824
 def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:

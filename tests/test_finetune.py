@@ -210,3 +210,33 @@ def test_tiny_branches_drive_a_tiny_edit(faces, f_arc, tmp_path, capsys, monkeyp
     assert main([*run, '--out', str(tmp_path / 'u.mp4'), '--identity-model', str(unf)]) == 2
     assert f'--resume` and its other options, or pass its checkpoint {ck}' in capsys.readouterr().err
     assert main([*run, '--out', str(tmp_path / 'ck.mp4'), '--identity-model', str(ck)]) == 0
+
+def test_cli_full_disk_is_one_line_and_leaves_no_half_checkpoint(faces, tmp_path):
+    "`ipfacediff finetune` under a 4 KiB file-size limit (a full disk): exit 1, one line naming the checkpoint, no step_*.partial."
+    import resource
+    folder, caps, _ = faces
+    out = tmp_path / 'run'
+    args = ['finetune', 'identity', '--data', str(folder), '--captions', str(caps), '--tiny', '--size', '64', '--steps', '2',
+            '--checkpoint-every', '1', '--inversion-steps', '10', '--t-max', '201', '--out', str(out), '--no-progress']
+    cmd = [sys.executable, '-c', 'import sys; from ipfacediff.cli import main; sys.exit(main(sys.argv[1:]))']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    full = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=120, preexec_fn=full)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert err[-1] == (f'ipfacediff: error: could not write the checkpoint of step 1 (File too large); nothing of it is kept: '
+                       f'free some space, then run the same command again: {out / "checkpoints" / "step_000001"}'), err
+    assert sorted(p.name for p in out.rglob('*')) == ['checkpoints', 'config.json', 'log.csv']
+    r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=120)   # space freed: the same command runs
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [c.name for c in _checkpoints(out)] == ['step_000001', 'step_000002'] and (out / 'adapter_model.safetensors').exists()
+
+def test_tensorboard_gets_every_step(faces, f_arc, tmp_path):
+    "--tensorboard: loss, both parts and the learning rate of every step in OUT/tensorboard, read back with tensorboard's own reader."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ft = _ft(faces, tmp_path / 'tb', f_arc, mode='identity', steps=3, checkpoint_every=10, tensorboard=True)
+    rows = ft.train(progress=False)
+    ea = EventAccumulator(str(tmp_path / 'tb' / 'tensorboard')); ea.Reload()
+    assert sorted(ea.Tags()['scalars']) == ['loss', 'lr', 'part1', 'part2']
+    got = [(e.step, e.value) for e in ea.Scalars('loss')]
+    assert [s for s, _ in got] == [1, 2, 3] and all(abs(v - r['loss']) < 1e-6 for (_, v), r in zip(got, rows))
