@@ -161,12 +161,16 @@ class BenchTimer(StageTimer):
 
 # %% ../nbs/12_bench.ipynb #de359070
 def sample_frames(n: int) -> tuple[np.ndarray, float]:
-    "The bundled clip played forwards and backwards to n frames, and its fps."
+    "The bundled clip played forwards and backwards to n frames, and its fps; n frames the edit could not hold are refused first."
+    import psutil
     from ipfacediff.video import read_video
     frames, info = read_video(data_path('sample.mp4'), progress=False)
+    need, free = 3 * n * frames[0].nbytes, psutil.virtual_memory().available   # the frames, the edited copy, the crops (≈ as big)
+    if need > free:
+        raise UserError(f"--frames {n}: the edit would hold about {need / 2**30:.1f} GiB of frames at {frames.shape[2]}x{frames.shape[1]}, "
+                        f"and {free / 2**30:.1f} GiB of memory is free: give fewer --frames")
     loop = np.concatenate([frames, frames[::-1]])
-    reps = -(-n // len(loop))
-    return np.concatenate([loop] * reps)[:n], info.fps
+    return loop[np.arange(n) % len(loop)], info.fps                        # n frames allocated, no more
 
 STAGES = ('read', 'track/align', 'encode', 'inversion', 'edit', 'decode', 'paste-back', 'write')
 
@@ -283,6 +287,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
                      inversion_steps=inversion_steps if inversion_steps is not None else (steps if steps is not None else d['inversion_steps']),
                      seed=seed, keyframe_window=keyframe_window).validate()
     if threads: torch.set_num_threads(threads)
+    clip, fps = sample_frames(max(frames))            # first: frames that do not fit are refused before the models are built
     pipe = make_pipeline(config, dev, dtype, branches, channels_last, compile, seed, progress)
     peak = measured_peak(dev, pipe.c.dtype)
     meta = sd21_components('meta') if config == 'sd21' else build_components('tiny', 'cpu')
@@ -290,7 +295,6 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
     log(f'ipfacediff bench: {config} ({n_params(pipe.c.unet) / 1e6:.1f} M UNet parameters, random weights) on {dev} in {pipe.c.dtype}, '
         f'{cfg.size}² crops, {cfg.inversion_steps} inversion + {cfg.steps} editing steps; UNet {flops["unet"] / 1e12:.4g} TFLOP/eval; '
         f'measured peak {peak:.4g} TFLOP/s')
-    clip, fps = sample_frames(max(frames))
     def graphs() -> int:                  # graphs torch.compile has made so far in this process
         if not compile: return 0
         import torch._dynamo.utils

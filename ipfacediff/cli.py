@@ -4,12 +4,12 @@
 
 # %% ../nbs/13_cli.ipynb #9aae0882
 from __future__ import annotations
-import argparse, contextlib, importlib, importlib.util, os, signal, sys, threading, warnings
+import argparse, contextlib, importlib, importlib.util, os, re, signal, sys, threading, warnings
 from . import __version__
 from .utils import UserError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'Terminated', 'quiet_libraries', 'main']
+__all__ = ['COMMANDS', 'OOM_HINTS', 'build_parser', 'Terminated', 'quiet_libraries', 'out_of_memory', 'oom_words', 'main']
 
 # %% ../nbs/13_cli.ipynb #b7743d16
 COMMANDS = {  # command → (module that defines it, one-line help for the overview)
@@ -91,6 +91,28 @@ def quiet_libraries():
         try: importlib.import_module(mod).disable_progress_bar()
         except ImportError: pass
 
+OOM_HINTS = {                     # what to do, per command, when memory runs out
+    'edit': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps); on a GPU, --dtype float16',
+    'finetune': 'give a smaller --batch-size (with --grad-accum to keep the batch), or add --gradient-checkpointing',
+    'bench': 'give fewer --frames or a smaller --size',
+    'evaluate': 'evaluate fewer videos at a time',
+    'ablations': 'give fewer --frames or a smaller --batch-size'}
+
+def out_of_memory(e: BaseException) -> bool:
+    "Is `e` memory running out: Python's/numpy's MemoryError, torch's CPU allocator, or CUDA's OutOfMemoryError?"
+    oom = getattr(sys.modules.get('torch'), 'OutOfMemoryError', ())
+    return isinstance(e, MemoryError) or (oom != () and isinstance(e, oom)) or \
+           (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+def oom_words(e: BaseException) -> str:
+    "The useful part of an out-of-memory message, on one line: numpy's allocation, or how many bytes torch asked for."
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    m = re.search(r'tried to allocate (\d+) bytes', msg)
+    if m: return f'could not allocate {int(m.group(1)) / 2**30:.1f} GiB'
+    m = re.search(r'Tried to allocate ([\d.]+ [KMGT]iB)', msg)           # CUDA
+    if m: return f'could not allocate {m.group(1)} on the GPU'
+    return re.sub(r'(\d)\. ([KMGTP]iB)', r'\1 \2', re.sub(r'^Unable to allocate', 'could not allocate', msg))   # numpy's "117. MiB"
+
 def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation, 2 bad input, 130 interrupted, 143 terminated)."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -120,6 +142,10 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     except OSError as e:              # disk full, a name too long, no permission: what the system said, on one line
         where = f': {e.filename}' if e.filename else ''
         print(f'ipfacediff: error: {e.strerror or e}{where}', file=sys.stderr); return 1
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e): raise
+        print(f'ipfacediff: error: out of memory ({oom_words(e)}): {OOM_HINTS.get(args.command, "work on less at a time")}', file=sys.stderr)
+        return 1
     return 0
 
 # %% ../nbs/13_cli.ipynb #c774dda0
