@@ -344,22 +344,29 @@ def warn_unedited(track: FaceTrack, max_gap: int | None = None):
                       f"was not found there, and they are not in a gap of at most {max_gap} frames between frames where it was")
 
 def paste_back(frames, crops, track: FaceTrack, dilate: float = 0.05, feather: float = 0.025, region: str = 'face',
-               return_masks: bool = False, progress: bool = True, max_gap: int | str | None = 'track', warn: bool = True):
+               return_masks: bool = False, progress: bool = True, max_gap: int | str | None = 'track', warn: bool = True,
+               out: np.ndarray | None = None):
     """Blend edited `crops` into `frames` through `track.frame_from_crop` with a feathered face mask; uint8 frames.
     Frames outside `track.covered(max_gap)` (no face found there or near enough on both sides) are left as they are,
     with a warning (`warn`); `max_gap='track'` is the gap `track_faces` followed the face across, `None` pastes into
-    every frame."""
+    every frame. The result is written into `out` (N, H, W, 3) uint8 — which may be `frames` itself: pasted in place,
+    no copy of the video — or a new array."""
     if max_gap == 'track': max_gap = track.max_gap
     if not (len(frames) == len(crops) == len(track)):
         raise UserError(f"paste_back needs as many crops ({len(crops)}) as frames ({len(frames)}) and track entries ({len(track)})")
     s, cl = track.size, track.crop_landmarks()
     skip = np.zeros(len(track), bool) if max_gap is None else ~track.covered(max_gap)
     if warn and max_gap is not None: warn_unedited(track, max_gap)
-    out, masks = [], []
+    shape = (len(frames), *np.asarray(frames[0]).shape) if len(frames) else (0, 0, 0, 3)
+    if out is None: out = np.empty(shape, np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"paste_back: out must be uint8 {shape}, got {out.dtype} {out.shape}")
+    masks = np.zeros(shape[:3], np.float32) if return_masks else None      # only when asked: 4 bytes a pixel
     for i in tqdm(range(len(frames)), desc='pasting back', unit='frame', disable=not progress, leave=False):
         f = np.asarray(frames[i]); H, W = f.shape[:2]
-        if skip[i]:
-            out.append(f.copy()); masks.append(np.zeros((H, W), np.float32)); continue
+        o = out[i]
+        if not np.shares_memory(o, f): o[...] = f
+        if skip[i]: continue
         crop = np.asarray(crops[i])
         if crop.shape[:2] != (s, s): crop = cv2.resize(crop, (s, s), interpolation=cv2.INTER_AREA)
         Minv = track.frame_from_crop[i]
@@ -367,13 +374,11 @@ def paste_back(frames, crops, track: FaceTrack, dilate: float = 0.05, feather: f
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         m[m < 1 / 512] = 0
         x0, y0, bw, bh = cv2.boundingRect((m > 0).astype(np.uint8))
-        o = f.copy()
         if bw and bh:
             x1, y1 = x0 + bw, y0 + bh                                          # work only where the mask is
             T = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
             e = _warp(crop, (T @ np.vstack([Minv, [0, 0, 1]]))[:2], (x1 - x0, y1 - y0), border=cv2.BORDER_REPLICATE)
-            fr, mm = f[y0:y1, x0:x1].astype(np.float32), m[y0:y1, x0:x1, None]
+            fr, mm = o[y0:y1, x0:x1].astype(np.float32), m[y0:y1, x0:x1, None]
             o[y0:y1, x0:x1] = np.clip(np.round(fr + mm * (e.astype(np.float32) - fr)), 0, 255).astype(np.uint8)
-        out.append(o); masks.append(m)
-    out = np.stack(out)
-    return (out, np.stack(masks)) if return_masks else out
+        if masks is not None: masks[i] = m
+    return (out, masks) if return_masks else out

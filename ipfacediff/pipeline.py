@@ -454,10 +454,10 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
     with timer('decode'): edited = self.decode_latents(z, cfg.batch_size)
-    with timer('paste-back'):
+    with timer('paste-back'):                    # into the decoded frames themselves unless the originals are still needed
         warn_unedited(track)
-        full = paste_back(frames[lo:hi], edited, part, region=cfg.mask, progress=self.progress, warn=False)
-        if part is not track: full = np.concatenate([frames[:lo], full, frames[hi:]])
+        full = frames if isinstance(video, (str, Path)) and side_by_side is None else frames.copy()
+        paste_back(frames[lo:hi], edited, part, region=cfg.mask, progress=self.progress, warn=False, out=full[lo:hi])
     if out is not None:
         with timer('write'), contextlib.ExitStack() as stack:   # both files appear together, or neither
             tmp = [stack.enter_context(atomic_output(p, overwrite)) for p in (out, side_by_side) if p is not None]
