@@ -299,8 +299,10 @@ def align_faces(frames, track: FaceTrack, progress: bool = True) -> np.ndarray:
     "The aligned face crops, uint8 `(N, size, size, 3)`, cut from `frames` with `track.crop_from_frame`."
     if len(frames) != len(track): raise UserError(f"{len(frames)} frames but the face track has {len(track)}")
     s = track.size
-    return np.stack([_warp(np.asarray(f), M, (s, s)) for f, M in
-                     zip(tqdm(frames, desc='aligning', unit='frame', disable=not progress, leave=False), track.crop_from_frame)])
+    crops = np.empty((len(frames), s, s, 3), np.uint8)            # filled in place: no list of crops to stack (a second copy)
+    for i, (f, M) in enumerate(zip(tqdm(frames, desc='aligning', unit='frame', disable=not progress, leave=False), track.crop_from_frame)):
+        crops[i] = _warp(np.asarray(f), M, (s, s))
+    return crops
 
 # %% ../nbs/03_faces.ipynb #be9235df
 MASK_REGIONS = ('face', 'head', 'crop')

@@ -204,9 +204,13 @@ def encode_crops(self: IPFaceDiffPipeline, crops: np.ndarray, batch_size: int = 
 
 @torch.no_grad()
 def decode_latents(self: IPFaceDiffPipeline, z0: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    "uint8 crops from latents, decoded `batch_size` at a time."
-    return np.concatenate([_to_uint8(vae_decode(self.c.vae, z0[i:i + batch_size]))
-                           for i in self._bar(range(0, len(z0), batch_size), 'VAE decode')])
+    "uint8 crops from latents, decoded `batch_size` at a time into one array (no list of batches to concatenate: a second copy)."
+    out = None
+    for i in self._bar(range(0, len(z0), batch_size), 'VAE decode'):
+        x = _to_uint8(vae_decode(self.c.vae, z0[i:i + batch_size]))
+        if out is None: out = np.empty((len(z0), *x.shape[1:]), np.uint8)
+        out[i:i + len(x)] = x
+    return out if out is not None else np.empty((0, 0, 0, 3), np.uint8)
 
 IPFaceDiffPipeline.encode_crops, IPFaceDiffPipeline.decode_latents = encode_crops, decode_latents
 
