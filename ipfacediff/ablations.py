@@ -8,7 +8,7 @@ import json, math, os, shlex, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, check_report_folder, usable_cache_dir
+from .utils import UserError, check_report_folder, usable_cache_dir, save_figure, writing
 from .models import DEFAULT_MODEL
 
 # %% auto #0
@@ -130,7 +130,7 @@ def frame_grid(rows: dict, path=None, n_frames: int = 6, title: str | None = Non
             if c == 0: ax.set_ylabel((labels or {}).get(name, name), fontsize=7, rotation=0, ha='right', va='center')
     if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=100)
+    if path is not None: save_figure(fig, path, dpi=100)
     return fig
 
 # %% ../nbs/11_ablations.ipynb #8b278410
@@ -237,7 +237,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
                                                       progress=progress, smoke=smoke)
     name = video.stem
     records, edits = {}, {}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, writing(out):     # a failed write without a file name names the study folder
         for a in rows:
             e1, e2 = specs[a.name]
             cfg = EditConfig(**{**asdict(base_cfg), 'identity_injection': a.injection})

@@ -8,7 +8,7 @@ import contextlib, copy, datetime, json, os, platform, statistics, subprocess, t
 from collections import Counter
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype, seeded, _check_target
+from .utils import UserError, atomic_output, cpu_workers, data_path, resolve_device, resolve_dtype, seeded, _check_target, writing
 from .models import SDComponents, move, tiny_components, tiny_tokenizer, make_scheduler
 from .metrics import StageTimer
 from .pipeline import IPFaceDiffPipeline, EditConfig, unet_budget, AdapterRows
@@ -228,7 +228,8 @@ def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd()   # a notebook has no __file__
         h = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', '--no-optional-locks', 'status', '--porcelain', '--untracked-files=no'],   # reads only: never
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()                # refreshes the index
         return (h + ('+dirty' if dirty else '')) if h else 'unknown'
     except Exception: return 'unknown'
 
@@ -452,7 +453,8 @@ def run_bench(a) -> dict:
                 None if kw == 0 else kw, a.channels_last, (a.compile_backend or True) if a.compile else False,
                 not a.no_warmup, not a.no_write, a.threads, a.seed, progress=not a.quiet, sync_report=a.sync_report)
     if a.json:
-        with atomic_output(a.json, overwrite=a.overwrite) as tmp: Path(tmp).write_text(json.dumps(rep, indent=1, default=str))
+        with atomic_output(a.json, overwrite=a.overwrite) as tmp, writing(a.json, rename=True):
+            Path(tmp).write_text(json.dumps(rep, indent=1, default=str))
         print(f'wrote {a.json}')
     return rep
 

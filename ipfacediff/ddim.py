@@ -112,7 +112,7 @@ def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from skimage.data import astronaut
-    from ipfacediff.utils import atomic_output
+    from ipfacediff.utils import atomic_output, save_figure
     A = alphas_cumprod(scaled_linear_betas())
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)      # N(0, I) data and its optimal ε*
@@ -132,7 +132,7 @@ def ddim_demo(out, steps: int = 50, overwrite: bool = False) -> float:
         ax.imshow(((yt.permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy()); ax.set_title(f'q(y_t|y_0), t={t}'); ax.axis('off')
     fig.suptitle(f'DDIM inversion → sampling round trip ({steps} steps, N(0, I) data, analytic ε*): relative error {err:.1e}')
     fig.tight_layout()
-    with atomic_output(out, overwrite) as tmp: fig.savefig(tmp, dpi=80)
+    with atomic_output(out, overwrite) as tmp: save_figure(fig, tmp, name=out, dpi=80)
     plt.close(fig)
     return err
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from tqdm.auto import tqdm
-from .utils import UserError, IMAGE_EXTS, atomic_dir, usable_cache_dir, check_report_folder, rgb_image, weights_fingerprint
+from .utils import (UserError, IMAGE_EXTS, atomic_dir, atomic_output, usable_cache_dir, check_report_folder, rgb_image,
+                              weights_fingerprint, writing, save_figure)
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
@@ -519,9 +520,13 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
                     raise UserError(f"{Path(path).name}: {no_face}")
     todo = {k: e for k, e in embedders.items() if k not in out}
     if stats is not None: stats.cached += len(out); stats.computed += len(todo)
-    def save(k, fe, no_face=''):
-        fd, tmp = tempfile.mkstemp(suffix='.npz', dir=keys[k].parent); os.close(fd)
-        np.savez(tmp, frames=fe.frames, detected=fe.detected, boxes=fe.boxes, no_face=np.array(no_face)); os.replace(tmp, keys[k])
+    def save(k, fe, no_face=''):                                 # a cache only saves time: a failed write (a full disk) is a warning
+        try:
+            with atomic_output(keys[k], overwrite=True) as tmp, writing(keys[k], rename=True):
+                np.savez(tmp, frames=fe.frames, detected=fe.detected, boxes=fe.boxes, no_face=np.array(no_face))
+        except OSError as e:
+            warnings.warn(f"could not write the embedding cache file {keys[k]} ({e.strerror or e}): the evaluation goes on; "
+                          "the next one computes it again")
     if todo:
         if frames is None: frames = load_media(path, fps=fps, max_frames=max_frames)
         try: new = embed_frames(frames, todo, size=size, batch_size=batch_size, reference_boxes=reference_boxes, progress=progress)
@@ -641,7 +646,7 @@ def _plots(res: dict, per_frame: dict, out: Path):
         for (m, n), d in per_frame.items(): ax.plot(d[r], marker='.', lw=1, label=f'{m}/{n}')
         ax.set(xlabel='frame', ylabel='cosine distance to the original frame', title=f'identity over time ({r})')
         if len(per_frame) <= 12: ax.legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(out / 'identity_over_time.png', dpi=110); plt.close(fig)
+    fig.tight_layout(); save_figure(fig, out / 'identity_over_time.png', dpi=110); plt.close(fig)
     fig, axes = plt.subplots(1, len(recs), figsize=(max(5, 1.2 * len(per_frame) + 2) * len(recs), 4), squeeze=False)
     for ax, r in zip(axes[0], recs):
         keys = list(per_frame)
@@ -649,7 +654,7 @@ def _plots(res: dict, per_frame: dict, out: Path):
         ax.boxplot([d if len(d) else [np.nan] for d in data], showfliers=True)
         ax.set_xticks(range(1, len(keys) + 1), [f'{m}\n{n}' for m, n in keys], fontsize=7, rotation=30)
         ax.set(ylabel='per-frame cosine distance', title=f'identity distance per method/video ({r})')
-    fig.tight_layout(); fig.savefig(out / 'identity_distribution.png', dpi=110); plt.close(fig)
+    fig.tight_layout(); save_figure(fig, out / 'identity_distribution.png', dpi=110); plt.close(fig)
 
 # %% ../nbs/10_metrics.ipynb #c0fc2e49
 def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metric: str = 'euclidean',
@@ -858,7 +863,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         if isinstance(x, np.integer): return int(x)
         return x
     res = clean(res)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, writing(out):      # a failed write without a file name names the report folder
         (tmp / 'metrics.json').write_text(json.dumps(res, indent=2, ensure_ascii=False))
         (tmp / 'table1.md').write_text(t1); (tmp / 'table3.md').write_text(t3)
         for (m, n), rows in csv_rows.items():

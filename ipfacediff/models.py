@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded
+from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded, writing
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
@@ -203,7 +203,8 @@ def load_components(model: str = DEFAULT_MODEL, device='cpu', dtype=None) -> SDC
 def save_components(comps: SDComponents, path) -> Path:
     "Save in diffusers' folder layout so `load_components(path)` reads it back."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    for name in _PARTS: getattr(comps, name).save_pretrained(path / name)
+    for name in _PARTS:
+        with writing(path / name): getattr(comps, name).save_pretrained(path / name)     # safetensors' errors as OSError
     comps.scheduler.save_pretrained(path / 'scheduler')
     (path / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline',
         **{n: [('diffusers' if n in ('unet', 'vae') else 'transformers'), type(getattr(comps, n)).__name__] for n in _PARTS},

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
-                              device_timestep, weights_fingerprint, check_seed)
+                              device_timestep, weights_fingerprint, check_seed, writing)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, check_adapter_keys, tiny_components,
                                encode_prompt, vae_encode, vae_decode, lora_layers, check_no_adapters, _ADAPTERS_PRESENT)
@@ -24,9 +24,9 @@ from .metrics import StageTimer, content_hash
 # %% auto #0
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
            'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
-           'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'check_outputs',
-           'edit', 'edit_video', 'is_lora_dir', 'rows_routable', 'AdapterRows', 'load_adapter_pair', 'optimize',
-           'check_tiny_flags', 'run_edit', 'add_cli']
+           'write_cache', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
+           'check_outputs', 'edit', 'edit_video', 'is_lora_dir', 'rows_routable', 'AdapterRows', 'load_adapter_pair',
+           'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -215,6 +215,16 @@ def decode_latents(self: IPFaceDiffPipeline, z0: torch.Tensor, batch_size: int =
 IPFaceDiffPipeline.encode_crops, IPFaceDiffPipeline.decode_latents = encode_crops, decode_latents
 
 # %% ../nbs/09_pipeline.ipynb #833bd545
+def write_cache(path: Path, write, what: str) -> bool:
+    "Write the cache file `path` through `write(tmp)`, whole or not at all; a failure is a warning (False), not the end of the edit."
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path, overwrite=True) as tmp, writing(path, rename=True): write(tmp)
+        return True
+    except OSError as e:
+        warnings.warn(f"could not write the {what} cache file {path} ({e.strerror or e}): the edit goes on; the next one computes it again")
+        return False
+
 @torch.no_grad()
 def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str | None = None) -> tuple[dict, bool]:
     """{t: z_t^src (N, 4, h, w) on CPU} by DDIM inversion of z0 with ε1 (z_T float32, the rest in the networks' dtype);
@@ -246,9 +256,7 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
             for t, z in zip(ts[1:], rest): traj[t].append(z)
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path, overwrite=True) as tmp: torch.save(traj, tmp)
+    if path is not None: write_cache(path, lambda tmp: torch.save(traj, tmp), 'inversion')
     return traj, False
 
 IPFaceDiffPipeline.invert = invert
@@ -389,9 +397,7 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
         except Exception: pass
         warnings.warn(f'ignoring a face-track cache file that does not fit this video: {path}')
     track = track_faces(frames, size=cfg.size, progress=self.progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, overwrite=True) as tmp:
-        save_track(track, tmp)
+    write_cache(path, lambda tmp: save_track(track, tmp), 'face-track')
     return track, False
 
 IPFaceDiffPipeline.face_track = face_track
@@ -465,10 +471,12 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
     if out is not None:
         with timer('write'), contextlib.ExitStack() as stack:   # both files appear together, or neither
             tmp = [stack.enter_context(atomic_output(p, overwrite)) for p in (out, side_by_side) if p is not None]
-            write_video(tmp[0], full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress, label=Path(out).name)
+            with writing(out, rename=True):             # a failure names the user's file, not the temporary one
+                write_video(tmp[0], full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress, label=Path(out).name)
             if side_by_side is not None:
-                write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress,
-                                   label=Path(side_by_side).name)
+                with writing(side_by_side, rename=True):
+                    write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress,
+                                       label=Path(side_by_side).name)
     return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(hi - lo, cfg, hit), hit,
                       track, Path(out) if out is not None else None, track_hit, (lo, hi))
 

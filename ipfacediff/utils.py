@@ -11,9 +11,9 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'writing',
-           'file_size_limit', 'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers',
-           'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint',
-           'to_device', 'device_timestep']
+           'file_size_limit', 'save_figure', 'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed',
+           'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
+           'weights_fingerprint', 'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -91,10 +91,14 @@ def atomic_dir(path, overwrite: bool = False):
 
 # %% ../nbs/00a_utils.ipynb #953eaa97
 @contextlib.contextmanager
-def writing(path):
-    "Inside the block, what safetensors or `torch.save` raise when a write fails becomes `OSError(errno, reason, path)`."
+def writing(path, rename: bool = False):
+    """Inside the block, what safetensors or `torch.save` raise when a write fails becomes `OSError(errno, reason, path)`;
+    an `OSError` that names no file (a failed `write` or `close`) gets `path`, and with `rename` any other name too
+    (a temporary file's, when the user knows `path`)."""
     try: yield
-    except OSError: raise
+    except OSError as e:
+        if e.filename is not None and not rename: raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except Exception as e:
         if not (isinstance(e, RuntimeError) or type(e).__name__ == 'SafetensorError'): raise
         m = re.search(r'os error (\d+)', str(e))             # safetensors (Rust) says which error the system gave
@@ -111,6 +115,15 @@ def file_size_limit(kib: int):
     resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, hard))
     try: yield
     finally: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+# %% ../nbs/00a_utils.ipynb #d6bbc8cc
+def save_figure(fig, path, name=None, **savefig_kw) -> Path:
+    "Render `fig` in the format of `path`'s suffix (PNG without one) and write it to `path`; a failed write names `name` (default `path`)."
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip('.').lower() or 'png', **savefig_kw)
+    with writing(name or path, rename=name is not None): Path(path).write_bytes(buf.getvalue())
+    return Path(path)
 
 # %% ../nbs/00a_utils.ipynb #8eb46824
 def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:
