@@ -90,6 +90,12 @@ def atomic_dir(path, overwrite: bool = False):
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/00a_utils.ipynb #953eaa97
+_WRITE_FAILED = re.compile(r'inline_container|PytorchStreamWriter|iostream error|I/O error|os error \d+')
+
+def _failed_write(e: BaseException) -> bool:
+    "Is `e` safetensors' or torch.save's report of a failed write (not any RuntimeError)?"
+    return (isinstance(e, RuntimeError) or type(e).__name__ == 'SafetensorError') and bool(_WRITE_FAILED.search(str(e)))
+
 @contextlib.contextmanager
 def writing(path, rename: bool = False):
     """Inside the block, what safetensors or `torch.save` raise when a write fails becomes `OSError(errno, reason, path)`;
@@ -100,7 +106,7 @@ def writing(path, rename: bool = False):
         if e.filename is not None and not rename: raise
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except Exception as e:
-        if not (isinstance(e, RuntimeError) or type(e).__name__ == 'SafetensorError'): raise
+        if not _failed_write(e): raise                        # a bug, an encoder's error: as it is
         m = re.search(r'os error (\d+)', str(e))             # safetensors (Rust) says which error the system gave
         code = int(m.group(1)) if m else errno.EIO
         reason = os.strerror(code) if m else 'incomplete write: is the disk full?'
