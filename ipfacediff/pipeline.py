@@ -149,7 +149,7 @@ class IPFaceDiffPipeline:
             if rows is not None and rows is not adapters: raise UserError(_ADAPTERS_PRESENT)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress, self.smoke = progress, smoke
-        self.calls = Counter()
+        self.calls, self.uncached = Counter(), set()   # UNet rows per kind; caches the last edit could not write
         self.adapters = adapters                    # set when ε1 and ε2 are LoRA adapters of one UNet (one forward for both)
         self.kf_pairs, self.max_keyframe_group = 0, 0  # extended attention of the last edit: Σ rows·(g−1) over groups; largest g
 
@@ -256,7 +256,7 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
             for t, z in zip(ts[1:], rest): traj[t].append(z)
     bar.close()
     traj = {t: torch.cat(v) for t, v in traj.items()}
-    if path is not None: write_cache(path, lambda tmp: torch.save(traj, tmp), 'inversion')
+    if path is not None and not write_cache(path, lambda tmp: torch.save(traj, tmp), 'inversion'): self.uncached.add('inversion')
     return traj, False
 
 IPFaceDiffPipeline.invert = invert
@@ -397,7 +397,7 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
         except Exception: pass
         warnings.warn(f'ignoring a face-track cache file that does not fit this video: {path}')
     track = track_faces(frames, size=cfg.size, progress=self.progress)
-    write_cache(path, lambda tmp: save_track(track, tmp), 'face-track')
+    if not write_cache(path, lambda tmp: save_track(track, tmp), 'face-track'): self.uncached.add('face track')
     return track, False
 
 IPFaceDiffPipeline.face_track = face_track
@@ -427,7 +427,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
     check_outputs(out, side_by_side, overwrite, video)
     usable_cache_dir(self.cache_dir)
     if cfg.guidance < 1: warnings.warn(f"guidance {cfg.guidance:g} < 1: the edit follows the negative prompt more than the prompt; 7.5 is usual")
-    self.calls, self.kf_pairs, self.max_keyframe_group = Counter(), 0, 0
+    self.calls, self.kf_pairs, self.max_keyframe_group, self.uncached = Counter(), 0, 0, set()
     timer = timer if timer is not None else StageTimer()
     audio, start = None, 0.0
     with timer('read'):
@@ -671,8 +671,9 @@ def run_edit(a) -> EditResult:
     print(f'wrote {out}: {len(r.frames)} frames at {r.fps:g} fps' + ('' if r.span == (0, len(r.frames)) else
           f' (frames {r.span[0]}–{r.span[1] - 1} edited: the face was not found before or after them)'))
     if a.side_by_side: print(f'wrote {a.side_by_side} (original | edited)')
-    print('face track: ' + ('reused from the cache' if r.track_cached else 'computed and cached'))
-    print('inversion: ' + ('reused from the cache (0 UNet calls)' if r.cache_hit else f"computed and cached ({r.unet_calls.get('inversion', 0)} UNet calls)"))
+    stored = lambda what: 'computed, not cached (see the warning)' if what in pipe.uncached else 'computed and cached'
+    print('face track: ' + ('reused from the cache' if r.track_cached else stored('face track')))
+    print('inversion: ' + ('reused from the cache (0 UNet calls)' if r.cache_hit else f"{stored('inversion')} ({r.unet_calls.get('inversion', 0)} UNet calls)"))
     print('UNet calls (frame-rows): ' + ', '.join(f'{k} {v}' for k, v in sorted(r.unet_calls.items())))
     print('seconds: ' + ', '.join(f"{k} {v['seconds']:.2f}" for k, v in r.timings.items()))
     return r
