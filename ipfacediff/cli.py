@@ -95,8 +95,8 @@ OOM_HINTS = {                     # what to do, per command, when memory runs ou
     'edit': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps); on a GPU, --dtype float16',
     'finetune': 'give a smaller --batch-size (with --grad-accum to keep the batch), or add --gradient-checkpointing',
     'bench': 'give fewer --frames or a smaller --size',
-    'evaluate': 'evaluate fewer videos at a time',
-    'ablations': 'give fewer --frames or a smaller --batch-size'}
+    'evaluate': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps)',
+    'ablations': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps)'}
 
 def out_of_memory(e: BaseException) -> bool:
     "Is `e` memory running out: Python's/numpy's MemoryError, torch's CPU allocator, or CUDA's OutOfMemoryError?"
