@@ -41,6 +41,7 @@ def _open_video(path):
     if path.is_dir(): raise UserError(f"{path} is a folder: give the path of a video file")
     if path.stat().st_size == 0: raise UserError(f"{path} is empty (0 bytes): give a video file")
     try: container = av.open(str(path))
+    except av.error.MemoryError: raise                # memory ran out: reported as such by the CLI, not as a damaged file
     except av.error.EOFError:
         raise UserError(f"{path} has no video frames (the file ends before any video data: "
                         "it is empty or was cut short) — give a complete video") from None
@@ -241,6 +242,9 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
             if prev is not None:  # the last frame stands for one source frame period (resampling), or its own slot
                 end = prev_t + (1.0 / (src_fps or out_fps) if fps else 0.5 / out_fps)
                 while not done() and target() < end - 1e-9: emit(prev); k += 1
+        except av.error.MemoryError: raise            # memory ran out, the file is fine: the CLI says "out of memory"
+        except av.error.BlockingIOError as e:         # EAGAIN from the decoder: it could not start its threads (memory, thread limits)
+            raise MemoryError(f"{Path(path).name}: the decoder could not get the memory or threads it needs ({e})") from None
         except av.error.FFmpegError as e:
             raise UserError(f"{path} is damaged: decoding stopped after {n_decoded} frames ({type(e).__name__}); "
                             "re-export or re-download the video") from None
