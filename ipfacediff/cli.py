@@ -108,7 +108,7 @@ def oom_words(e: BaseException) -> str:
     "The useful part of an out-of-memory message, on one line: numpy's allocation, or how many bytes torch asked for."
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     m = re.search(r'tried to allocate (\d+) bytes', msg)
-    if m: return f'could not allocate {int(m.group(1)) / 2**30:.1f} GiB'
+    if m: b = int(m.group(1)); return f'could not allocate {b / 2**30:.1f} GiB' if b >= 2**30 else f'could not allocate {b / 2**20:.1f} MiB'
     m = re.search(r'Tried to allocate ([\d.]+ [KMGT]iB)', msg)           # CUDA
     if m: return f'could not allocate {m.group(1)} on the GPU'
     return re.sub(r'(\d)\. ([KMGTP]iB)', r'\1 \2', re.sub(r'^Unable to allocate', 'could not allocate', msg))   # numpy's "117. MiB"
