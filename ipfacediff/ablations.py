@@ -244,7 +244,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
             (tmp / a.name).mkdir()
             t0 = time.perf_counter()
             pipe = pipeline_factory(e1, e2)
-            r = pipe.edit(video, cfg, out=tmp / a.name / f'{name}.mp4')
+            r = pipe.edit(video, cfg, out=tmp / a.name / f'{name}.mp4', stream=False)   # its crops and frames are measured
             secs = time.perf_counter() - t0
             if progress: print(f'{a.name}: {len(r.frames)} frames, {secs:.1f} s, UNet calls {dict(r.unet_calls)}')
             ran_on = dict(device=pipe.c.device.type, dtype=pipe.c.dtype)

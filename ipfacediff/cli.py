@@ -6,7 +6,6 @@
 from __future__ import annotations
 import argparse, contextlib, importlib, importlib.util, os, re, signal, sys, threading, warnings
 from . import __version__
-from .utils import UserError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'OOM_HINTS', 'build_parser', 'Terminated', 'quiet_libraries', 'out_of_memory', 'oom_words', 'main']
@@ -92,20 +91,25 @@ def quiet_libraries():
         except ImportError: pass
 
 OOM_HINTS = {                     # what to do, per command, when memory runs out
-    'edit': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps); on a GPU, --dtype float16',
+    'edit': 'give a smaller --batch-size, fewer frames (--max-frames, a lower --fps) or --stream (frames not held); on a GPU, --dtype float16',
     'finetune': 'give a smaller --batch-size (with --grad-accum to keep the batch), or add --gradient-checkpointing',
     'bench': 'give fewer --frames or a smaller --size',
     'evaluate': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps)',
     'ablations': 'give a smaller --batch-size, or fewer frames (--max-frames, a lower --fps)'}
 
+_NO_MAP = re.compile(r'([\w.+-]+\.so[\w.]*): failed to map segment from shared object')   # the loader, when memory is short
+
 def out_of_memory(e: BaseException) -> bool:
-    "Is `e` memory running out: Python's/numpy's MemoryError, torch's CPU allocator, or CUDA's OutOfMemoryError?"
+    "Is `e` memory running out: Python's/numpy's MemoryError, torch's CPU allocator, CUDA's OutOfMemoryError, or a library that could not be loaded for want of it?"
     oom = getattr(sys.modules.get('torch'), 'OutOfMemoryError', ())
     return isinstance(e, MemoryError) or (oom != () and isinstance(e, oom)) or \
-           (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+           (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)) or \
+           (isinstance(e, (ImportError, RuntimeError)) and _NO_MAP.search(str(e)) is not None)   # diffusers wraps it in a RuntimeError
 
 def oom_words(e: BaseException) -> str:
     "The useful part of an out-of-memory message, on one line: numpy's allocation, or how many bytes torch asked for."
+    m = _NO_MAP.search(str(e))
+    if m: return f'could not load {m.group(1)}'
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     m = re.search(r'tried to allocate (\d+) bytes', msg)
     if m: b = int(m.group(1)); return f'could not allocate {b / 2**30:.1f} GiB' if b >= 2**30 else f'could not allocate {b / 2**20:.1f} MiB'
@@ -118,9 +122,16 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--version']:  # answer without importing torch
         print(f'ipfacediff {__version__}'); return 0
-    try: parser = build_parser(argv, commands)     # imports the command's module (torch, diffusers): seconds to Ctrl-C in
+    try:
+        parser = build_parser(argv, commands)     # imports the command's module (torch, diffusers): seconds to Ctrl-C in
+        from ipfacediff.utils import UserError    # torch too: not imported for --version or the overview
     except KeyboardInterrupt:
         print('ipfacediff: interrupted', file=sys.stderr); return 130
+    except (MemoryError, ImportError, RuntimeError) as e:
+        if not out_of_memory(e): raise
+        print(f'ipfacediff: error: out of memory while loading the libraries ({oom_words(e)}): free some memory, '
+              'or raise the memory limit (ulimit -v)', file=sys.stderr)
+        return 1
     args, extra = parser.parse_known_args(argv)
     if extra:                         # blamed on the command only when they came after its name
         cmd = getattr(args, 'command', None)

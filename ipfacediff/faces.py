@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_faces.ipynb #c13b4023
 from __future__ import annotations
-import contextlib, copy, functools, importlib.util, math, queue, warnings
+import collections, contextlib, copy, functools, importlib.util, math, queue, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -204,17 +204,30 @@ def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     out = np.stack([np.interp(t, idx, flat[idx, j]) for j in range(flat.shape[1])], 1)
     return out.reshape(values.shape)
 
+def _ordered_map(ex, fn, items, window: int):
+    "`ex.map(fn, items)` holding at most `window` items in flight: `items` is read as results are taken (a lazily decoded video stays lazy)."
+    pending = collections.deque()
+    for x in items:
+        pending.append(ex.submit(fn, x))
+        if len(pending) >= window: yield pending.popleft().result()
+    while pending: yield pending.popleft().result()
+
 def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | None = None, progress: bool = True) -> list[np.ndarray]:
     """`detect_faces` on every frame, on `workers` threads (default: all CPUs); the boxes per frame, in order. Frames are
-    searched reduced to `max_side`, and all again at full size when none shows a face (faces too small for the reduced copies)."""
+    searched reduced to `max_side`, and all again at full size when none shows a face (faces too small for the reduced copies).
+    One pass through `frames` (two in that case), a few frames in memory at a time."""
     _dlib_models()                      # load once here, not in every thread that finds the cache empty
+    full = 0                            # the longest side seen
     def run(side):
-        det = functools.partial(detect_faces, max_side=side, upsample=upsample)
-        with ThreadPoolExecutor(cpu_workers(workers)) as ex:
-            return list(tqdm(ex.map(lambda f: det(np.asarray(f)), frames), total=len(frames), desc='detecting the face',
+        def seen():
+            nonlocal full
+            for f in frames:
+                f = np.asarray(f); full = max(full, *f.shape[:2]); yield f
+        det, n = functools.partial(detect_faces, max_side=side, upsample=upsample), cpu_workers(workers)
+        with ThreadPoolExecutor(n) as ex:
+            return list(tqdm(_ordered_map(ex, det, seen(), 2 * n), total=len(frames), desc='detecting the face',
                              unit='frame', disable=not progress, leave=False))
     found = run(max_side)
-    full = max((max(np.asarray(f).shape[:2]) for f in frames), default=0)
     return run(full) if full > max_side and not any(len(f) for f in found) else found
 
 def track_faces(frames, size: int = 512, smooth_sigma=(1.0, 3.0), max_side: int = 1024, upsample: int = 0,

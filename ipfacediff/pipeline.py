@@ -17,16 +17,17 @@ from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_br
                                encode_prompt, vae_encode, vae_decode, lora_layers, check_no_adapters, _ADAPTERS_PRESENT)
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
-from .video import DECODE_RULES, read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices
+from .video import (DECODE_RULES, read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices,
+                             VideoFrames, VideoWriter, video_bytes, side_by_side_frame)
 from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, warn_unedited, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer, content_hash
 
 # %% auto #0
-__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
-           'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
-           'write_cache', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
-           'check_outputs', 'edit', 'edit_video', 'is_lora_dir', 'rows_routable', 'AdapterRows', 'load_adapter_pair',
-           'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
+__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'STREAM_ABOVE_GB', 'EditConfig',
+           'unet_budget', 'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
+           'decode_latents', 'write_cache', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents',
+           'face_track', 'check_outputs', 'encode_frames', 'write_edited', 'edit', 'edit_video', 'is_lora_dir',
+           'rows_routable', 'AdapterRows', 'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -101,9 +102,9 @@ def default_cache_dir() -> Path:
     "`$IPFACEDIFF_CACHE`, else `~/.cache/ipfacediff`."
     return Path(os.environ.get('IPFACEDIFF_CACHE', Path.home() / '.cache' / 'ipfacediff'))
 
-def cache_key(data: np.ndarray | bytes, **settings) -> str:
-    "sha256 of `data` (an array's bytes, or bytes) and of the settings that change what is cached."
-    h = hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
+def cache_key(data, **settings) -> str:
+    "sha256 of `data` (an array's bytes, bytes, or a `hashlib.sha256` fed with them) and of the settings that change what is cached."
+    h = data.copy() if hasattr(data, 'hexdigest') else hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -116,9 +117,9 @@ INVERSION_CACHE_VERSION = 5 # bump when the inversion changes (2: ε asked at th
 @dataclass
 class EditResult:
     "What an edit produced and what it cost."
-    frames: np.ndarray                 # edited full frames, uint8 (N, H, W, 3)
-    crops: np.ndarray                  # edited aligned crops, uint8 (M, S, S, 3): of frames span[0]:span[1]
-    source_crops: np.ndarray           # the input's aligned crops, the same frames
+    frames: np.ndarray | None          # edited full frames, uint8 (N, H, W, 3); None when streamed (they are in `out`)
+    crops: np.ndarray | None           # edited aligned crops, uint8 (M, S, S, 3): of frames span[0]:span[1]; None when streamed
+    source_crops: np.ndarray | None    # the input's aligned crops, the same frames; None when streamed
     fps: float
     timings: dict
     unet_calls: dict
@@ -128,6 +129,7 @@ class EditResult:
     out: Path | None = None
     track_cached: bool = False         # the face track came from the cache
     span: tuple = None                 # (lo, hi): the frames edited, first to last where the face's place is known (all N as a rule)
+    n_frames: int = 0                  # N, the frames of the video written
 
 def _to_unit(crops: np.ndarray, device='cpu') -> torch.Tensor:
     "uint8 (N, S, S, 3) → float (N, 3, S, S) in [-1, 1] on `device` (moved as uint8: a quarter of the bytes)."
@@ -418,20 +420,101 @@ def check_outputs(out=None, side_by_side=None, overwrite: bool = False, video=No
         raise UserError(f"--out and --side-by-side are the same file {out}: give two names")
 
 # %% ../nbs/09_pipeline.ipynb #80f7cb31
+STREAM_ABOVE_GB = 4.0       # `edit(stream=None)` streams a file whose frames would take more memory than this
+
+@torch.no_grad()
+def encode_frames(self: IPFaceDiffPipeline, frames, track: FaceTrack, batch_size: int = 8):
+    """z0 of the faces of `frames` — a sequence read once, in order, such as a `VideoFrames` — aligned by `track` and
+    encoded `batch_size` at a time (as `encode_crops(align_faces(frames, track))`, without holding the crops), and the
+    sha256 of the crops, fed as `cache_key` hashes an array of them."""
+    if len(frames) != len(track): raise UserError(f"{len(frames)} frames but the face track has {len(track)}")
+    h, parts, batch, done = hashlib.sha256(), [], [], 0
+    def flush():
+        nonlocal done
+        crops = align_faces(batch, track.sub(done, done + len(batch)), progress=False)
+        h.update(crops.tobytes()); parts.append(vae_encode(self.c.vae, _to_unit(crops, self.c.device)))
+        done += len(batch); batch.clear()
+    for f in self._bar(frames, 'aligning and encoding', total=len(frames)):
+        batch.append(f)
+        if len(batch) == batch_size: flush()
+    if batch: flush()
+    return torch.cat(parts), h
+
+IPFaceDiffPipeline.encode_frames = encode_frames
+
+class _Named:
+    "A `VideoWriter` whose failures name the user's file `name`, not the temporary one it writes."
+    def __init__(self, w: VideoWriter, name): self.w, self.name = w, name
+    def __enter__(self):
+        with writing(self.name, rename=True): self.w.__enter__()
+        return self
+    def write(self, f):
+        with writing(self.name, rename=True): self.w.write(f)
+    def __exit__(self, *exc):
+        if exc[0] is not None: return self.w.__exit__(*exc)    # another file's error: passed on as it is
+        with writing(self.name, rename=True): return self.w.__exit__(*exc)
+
+@torch.no_grad()
+def write_edited(self: IPFaceDiffPipeline, frames, z: torch.Tensor, track: FaceTrack, span: tuple, cfg: EditConfig, fps: float,
+                 out, side_by_side=None, overwrite: bool = False, audio=None, audio_start: float = 0.0):
+    """Decode the edited latents `z` of frames `span` = (lo, hi) `cfg.batch_size` at a time, paste them into `frames` — a
+    sequence read once, in order, such as a `VideoFrames` — as they are read, and write `out` (and the original | edited
+    `side_by_side`): one frame and one batch of crops in memory. Both files appear together, or neither."""
+    lo, hi = span
+    skip, b = ~track.covered(track.max_gap), cfg.batch_size
+    crops, c0 = None, None                                      # the decoded batch and its first index
+    with contextlib.ExitStack() as stack:
+        paths = [p for p in (out, side_by_side) if p is not None]
+        tmp = [stack.enter_context(atomic_output(p, overwrite)) for p in paths]
+        ws = [stack.enter_context(_Named(VideoWriter(t, fps, len(frames), audio, audio_start, overwrite=True), p)) for t, p in zip(tmp, paths)]
+        for i, f in enumerate(self._bar(frames, 'decoding, pasting back and writing', total=len(frames))):
+            original = f.copy() if side_by_side is not None else None
+            j = i - lo
+            if 0 <= j < hi - lo and not skip[j]:
+                if crops is None or not c0 <= j < c0 + len(crops):
+                    c0 = j - j % b
+                    crops = _to_uint8(vae_decode(self.c.vae, z[c0:c0 + b]))
+                paste_back(f[None], crops[j - c0][None], track.sub(j, j + 1), region=cfg.mask, progress=False, max_gap=None,
+                           warn=False, out=f[None])
+            ws[0].write(f)
+            if side_by_side is not None: ws[1].write(side_by_side_frame(original, f))
+
+IPFaceDiffPipeline.write_edited = write_edited
+
+def _stream_choice(stream, video, out, cfg: EditConfig) -> bool:
+    "Whether `edit` streams `video`: as asked, or (None) when it is a file whose frames would take more than `STREAM_ABOVE_GB`."
+    is_file = isinstance(video, (str, os.PathLike))
+    if stream:
+        if not is_file: raise UserError("stream=True decodes a video file again at each stage: give its path, not frames")
+        if out is None: raise UserError("a streamed edit keeps no frames in memory: give out= to write them to")
+        return True
+    if stream is None and is_file and out is not None:
+        size = video_bytes(video, cfg.fps, cfg.max_frames)
+        return size is not None and size > STREAM_ABOVE_GB * 2**30
+    return False
+
 def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_side=None, overwrite: bool = False,
-         fps: float | None = None, timer: StageTimer | None = None) -> EditResult:
+         fps: float | None = None, timer: StageTimer | None = None, stream: bool | None = None) -> EditResult:
     """Edit the face in `video` by `cfg.prompt`; write `out` (and an original|edited `side_by_side`) if given.
     `video` is a path, or uint8 frames (N, H, W, 3) with their `fps`. `timer`: a `StageTimer` (or one with
-    the same `timer(stage)` interface, as `bench` uses) to time the stages with."""
+    the same `timer(stage)` interface, as `bench` uses) to time the stages with. `stream`: decode the file again
+    at each stage (`VideoFrames`) instead of holding its frames, so memory holds the latents, not the video; the
+    result then has no frames or crops (None) and `out` is needed. None: stream a file whose frames would take more
+    than `STREAM_ABOVE_GB` GiB. The output is the same either way."""
     cfg = cfg.validate()
     check_outputs(out, side_by_side, overwrite, video)
     usable_cache_dir(self.cache_dir)
+    stream = _stream_choice(stream, video, out, cfg)
     if cfg.guidance < 1: warnings.warn(f"guidance {cfg.guidance:g} < 1: the edit follows the negative prompt more than the prompt; 7.5 is usual")
     self.calls, self.kf_pairs, self.max_keyframe_group, self.uncached = Counter(), 0, 0, set()
     timer = timer if timer is not None else StageTimer()
     audio, start = None, 0.0
     with timer('read'):
-        if isinstance(video, (str, Path)):
+        if stream:                                   # a counting pass: the frames are decoded where they are used
+            frames = VideoFrames(video, fps=cfg.fps, max_frames=cfg.max_frames)
+            info = frames.info
+            fps, audio, start = info.fps, (video if info.has_audio else None), info.start
+        elif isinstance(video, (str, Path)):
             frames, info = read_video(video, fps=cfg.fps, max_frames=cfg.max_frames, progress=self.progress)
             fps, audio, start = info.fps, (video if info.has_audio else None), info.start
         else:
@@ -449,8 +532,9 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         track, track_hit = self.face_track(frames, cfg, video if isinstance(video, (str, Path)) else None)
         lo, hi = track.covered_span()            # frames before the face is first found or after it is last found: not edited
         part = track if (lo, hi) == (0, len(frames)) else track.sub(lo, hi)
-        crops = align_faces(frames[lo:hi], part, progress=self.progress)
-    with timer('encode'): z0 = self.encode_crops(crops, cfg.batch_size)
+        crops = None if stream else align_faces(frames[lo:hi], part, progress=self.progress)
+    with timer('encode'):                        # streamed: aligned here, batch by batch
+        z0, crops_hash = self.encode_frames(frames[lo:hi], part, cfg.batch_size) if stream else (self.encode_crops(crops, cfg.batch_size), crops)
     with timer('inversion'):                     # finding the cache entry is part of the inversion's cost
         # ε1, the VAE and the text encoder (the source prompt) decide the inversion; with both branches as LoRA adapters on one UNet,
         # only ε1's adapter counts. Hashed at every edit: the weights may have changed since the last one.
@@ -458,11 +542,17 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         skip = (lambda n: '.lora_' in n and f'.{a.eps1}.' not in n) if a is not None else None
         weights = weights_fingerprint(self.eps1, self.c.vae, self.c.text_encoder, skip=skip)
         abar = hashlib.sha256(self.c.scheduler.alphas_cumprod.double().cpu().numpy().tobytes()).hexdigest()[:16]   # the noise schedule
-        key = cache_key(crops, version=INVERSION_CACHE_VERSION, weights=f'{weights}:{abar}',   # not names: `./e1` and `/abs/e1` are one ε1
+        key = cache_key(crops_hash, version=INVERSION_CACHE_VERSION, weights=f'{weights}:{abar}',   # not names: `./e1` and `/abs/e1` are one ε1
                         steps=cfg.inversion_steps, kept=cfg.steps, prompt=cfg.source_prompt, dtype=str(self.c.dtype), size=cfg.size,
                         batch=cfg.batch_size)
         traj, hit = self.invert(z0, cfg, key)
     with timer('edit'): z = self.edit_latents(traj, cfg)
+    if stream:
+        warn_unedited(track)
+        with timer('decode, paste-back, write'):
+            self.write_edited(frames, z, part, (lo, hi), cfg, fps, out, side_by_side, overwrite, audio, start)
+        return EditResult(None, None, None, fps, timer.as_dict(), dict(self.calls), unet_budget(hi - lo, cfg, hit), hit,
+                          track, Path(out), track_hit, (lo, hi), len(frames))
     with timer('decode'): edited = self.decode_latents(z, cfg.batch_size)
     with timer('paste-back'):                    # into the decoded frames themselves unless the originals are still needed
         warn_unedited(track)
@@ -478,7 +568,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
                     write_side_by_side(tmp[1], frames, full, fps, audio_from=audio, audio_start=start, overwrite=True, progress=self.progress,
                                        label=Path(side_by_side).name)
     return EditResult(full, edited, crops, fps, timer.as_dict(), dict(self.calls), unet_budget(hi - lo, cfg, hit), hit,
-                      track, Path(out) if out is not None else None, track_hit, (lo, hi))
+                      track, Path(out) if out is not None else None, track_hit, (lo, hi), len(full))
 
 IPFaceDiffPipeline.edit = edit
 IPFaceDiffPipeline.__call__ = edit
@@ -667,8 +757,8 @@ def run_edit(a) -> EditResult:
             print('ipfacediff: note: ε1 and ε2 are the base SD 2.1 UNet; the paper uses fine-tuned branches (--identity-model, --edit-model)')
         pipe = IPFaceDiffPipeline.from_pretrained(a.model, a.identity_model, a.edit_model, device=a.device or 'auto',
                                                   dtype=a.dtype or 'auto', cache_dir=a.cache_dir, progress=progress)
-    r = pipe.edit(a.input, cfg, out=out, side_by_side=a.side_by_side, overwrite=a.overwrite)
-    print(f'wrote {out}: {len(r.frames)} frames at {r.fps:g} fps' + ('' if r.span == (0, len(r.frames)) else
+    r = pipe.edit(a.input, cfg, out=out, side_by_side=a.side_by_side, overwrite=a.overwrite, stream=True if a.stream else None)
+    print(f'wrote {out}: {r.n_frames} frames at {r.fps:g} fps' + ('' if r.span == (0, r.n_frames) else
           f' (frames {r.span[0]}–{r.span[1] - 1} edited: the face was not found before or after them)'))
     if a.side_by_side: print(f'wrote {a.side_by_side} (original | edited)')
     stored = lambda what: 'computed, not cached (see the warning)' if what in pipe.uncached else 'computed and cached'
@@ -709,6 +799,8 @@ def add_cli(sub):
     p.add_argument('--device', help='cuda, cpu or auto')
     p.add_argument('--dtype', help='float16, bfloat16, float32 or auto (float16 on GPU, float32 on CPU)')
     p.add_argument('--cache-dir', help='where face tracks and inversions are cached (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
+    p.add_argument('--stream', action='store_true', help=f'decode the video again at each stage instead of holding its frames in memory '
+                   f'(same output; automatic when they would take over {STREAM_ABOVE_GB:g} GiB)')
     p.add_argument('--tiny', action='store_true', help='smoke run with tiny random models, offline (pixels are noise)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.set_defaults(func=run_edit)

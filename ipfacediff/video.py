@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_video.ipynb #bce08106
 from __future__ import annotations
-import math, numbers, warnings
+import contextlib, itertools, math, numbers, operator, warnings
 from dataclasses import dataclass, asdict
 from fractions import Fraction
 from pathlib import Path
@@ -15,7 +15,8 @@ from .utils import UserError, atomic_output
 
 # %% auto #0
 __all__ = ['DECODE_RULES', 'VideoInfo', 'display_rotation', 'upright', 'display_orientation', 'check_fps', 'resample_indices',
-           'check_max_frames', 'read_video', 'write_video', 'side_by_side', 'write_side_by_side']
+           'check_max_frames', 'video_bytes', 'read_video', 'VideoFrames', 'VideoWriter', 'write_video',
+           'side_by_side_frame', 'side_by_side', 'write_side_by_side']
 
 # %% ../nbs/02_video.ipynb #63a21e64
 @dataclass
@@ -182,44 +183,56 @@ def _square_width(stream) -> int | None:
     w = max(2, 2 * round(stream.width * sar / 2))
     return None if w == stream.width else w
 
-def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
-               progress: bool = True, max_gb: float = 16.0) -> tuple[np.ndarray, VideoInfo]:
-    """Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, in square pixels (an anamorphic source is scaled to the
-    width a player shows it at), at `fps` (or the source's rate), nearest frame to each time."""
-    fps = None if fps is None else check_fps(fps)
-    max_frames, start = check_max_frames(max_frames), _check_start(start)
+def _plan(container, stream, fps, max_frames, start) -> tuple:
+    "The source's frame rate, the output's, the expected number of output frames (None: unknown) and the square-pixel width (None: square)."
+    src_fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0) or None
+    out_fps = fps or src_fps or 25.0
+    dur = float(container.duration / av.time_base) if container.duration else (
+          float(stream.duration * stream.time_base) if stream.duration else None)
+    est = max(0, int(round((dur - start) * out_fps))) if dur else (stream.frames or None)
+    if max_frames is not None: est = min(est, max_frames) if est else max_frames
+    return src_fps, out_fps, est, _square_width(stream)
+
+def video_bytes(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0) -> int | None:
+    "About how many bytes `read_video(path, fps, max_frames, start)` would return, from the file's header (None: it does not say)."
+    container, stream = _open_video(path)
+    with container:
+        _, _, est, sq_w = _plan(container, stream, None if fps is None else check_fps(fps), check_max_frames(max_frames), _check_start(start))
+        return None if est is None else est * (sq_w or stream.width) * stream.height * 3
+
+def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool = True, warn: bool = True):
+    """One decoding pass over `path` (see `read_video`): yields each output frame as upright uint8 RGB in square pixels (as
+    None when not `rgb`, but the first: a counting pass). Fills `meta` with the `VideoInfo` fields (and `estimate`, the
+    expected frame count, before the first frame); `limit`: the bytes all frames may take (None: no limit)."""
     container, stream = _open_video(path)
     try:
-        src_fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0) or None
-        out_fps = fps or src_fps or 25.0
-        dur = float(container.duration / av.time_base) if container.duration else (
-              float(stream.duration * stream.time_base) if stream.duration else None)
-        est = max(0, int(round((dur - start) * out_fps))) if dur else (stream.frames or None)
-        if max_frames is not None: est = min(est, max_frames) if est else max_frames
-        sq_w = _square_width(stream)
+        src_fps, out_fps, est, sq_w = _plan(container, stream, fps, max_frames, start)
         scale = {} if sq_w is None else {'width': sq_w, 'height': stream.height}
         interp = (Interpolation.BICUBIC if scale else Interpolation.BILINEAR) | _EXACT_RGB
-        if est and est * (sq_w or stream.width) * stream.height * 3 > max_gb * 2**30: raise _too_big(path, est, sq_w or stream.width, stream.height)
+        if limit and est and est * (sq_w or stream.width) * stream.height * 3 > limit: raise _too_big(path, est, sq_w or stream.width, stream.height)
+        meta['estimate'] = est
         stream.thread_type = 'AUTO'
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if start > 0: container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
-        buf, rotation, mirrored, ended, n_decoded = _FrameBuffer(est), None, False, False, 0
+        rotation, mirrored, ended, n_decoded, n_out, first = None, False, False, 0, 0, None
         prev, prev_t, k = None, None, 0          # held-back frame, its time, index of the next output time
         origin = start if fps else None          # time of output frame 0; without fps, the first frame at/after `start`
         target = lambda: origin + k / out_fps
         bar = tqdm(total=est, desc=f'reading {Path(path).name}', unit='frame', disable=not progress, leave=False)
-        def emit(fr):
+        def convert(fr):
+            nonlocal first
             if scale and (fr.width, fr.height) != (stream.width, stream.height):   # scaled frames would all look one size
                 raise UserError(f"{path}: the frame size changes from {stream.width}x{stream.height} to {fr.width}x{fr.height} "
-                                f"at frame {len(buf)}: re-encode it at one size")
+                                f"at frame {n_out}: re-encode it at one size")
             img = upright(fr.to_ndarray(format='rgb24', interpolation=interp, **_guess_matrix(fr), **scale), rotation)
             if mirrored: img = np.ascontiguousarray(img[:, ::-1])
-            if len(buf) and img.shape != buf.a.shape[1:]:
-                raise UserError(f"{path}: the frame size changes from {buf.a.shape[2]}x{buf.a.shape[1]} to {img.shape[1]}x{img.shape[0]} "
-                                f"at frame {len(buf)}: re-encode it at one size")
-            if (len(buf) + 1) * img.nbytes > max_gb * 2**30: raise _too_big(path, len(buf) + 1, img.shape[1], img.shape[0])
-            buf.append(img); bar.update(1)
-        done = lambda: max_frames is not None and len(buf) >= max_frames
+            if first is None: first = img.shape
+            elif img.shape != first:
+                raise UserError(f"{path}: the frame size changes from {first[1]}x{first[0]} to {img.shape[1]}x{img.shape[0]} "
+                                f"at frame {n_out}: re-encode it at one size")
+            if limit and (n_out + 1) * img.nbytes > limit: raise _too_big(path, n_out + 1, img.shape[1], img.shape[0])
+            return img
+        done = lambda: max_frames is not None and n_out >= max_frames
         try:
             for frame in container.decode(stream):
                 n_decoded += 1
@@ -227,7 +240,7 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
                 t = (n_decoded - 1) / (src_fps or 25.0) if t is None else t - t0
                 if rotation is None:
                     rotation, mirrored = _stream_rotation(container, stream, frame)
-                    if frame.color_trc in _HDR_TRC or frame.color_primaries == 9:
+                    if warn and (frame.color_trc in _HDR_TRC or frame.color_primaries == 9):
                         warnings.warn(f"{Path(path).name} is HDR video (BT.2020 / PQ / HLG): it is read as 8-bit RGB without tone "
                                       "mapping, so colours come out washed out; convert it to SDR BT.709 first for a faithful result")
                 if origin is None:               # no fps: the grid starts at the first frame from `start` on
@@ -235,13 +248,17 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
                     origin = t
                 # emit `prev` for every output time nearer to it than to `frame`
                 while prev is not None and not done() and target() <= (prev_t + t) / 2 + 1e-9:
-                    emit(prev); k += 1
+                    yield convert(prev) if rgb or first is None else None
+                    n_out += 1; k += 1; bar.update(1)
                 prev, prev_t = frame, t
                 if done(): break
             else: ended = True
             if prev is not None:  # the last frame stands for one source frame period (resampling), or its own slot
                 end = prev_t + (1.0 / (src_fps or out_fps) if fps else 0.5 / out_fps)
-                while not done() and target() < end - 1e-9: emit(prev); k += 1
+                while not done() and target() < end - 1e-9:
+                    yield convert(prev) if rgb or first is None else None
+                    n_out += 1; k += 1; bar.update(1)
+        except GeneratorExit: raise                   # the reader stopped early (first: no module global to look up at exit)
         except av.error.MemoryError: raise            # memory ran out, the file is fine: the CLI says "out of memory"
         except av.error.BlockingIOError as e:         # EAGAIN from the decoder: it could not start its threads (memory, thread limits)
             raise MemoryError(f"{Path(path).name}: the decoder could not get the memory or threads it needs ({e})") from None
@@ -249,18 +266,90 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
             raise UserError(f"{path} is damaged: decoding stopped after {n_decoded} frames ({type(e).__name__}); "
                             "re-export or re-download the video") from None
         finally: bar.close()
-        if not len(buf):
+        if not n_out:
             raise UserError(f"{path} has no video frames" + (f" after {start:g} s" if start else "") +
                             ": give a video with at least one frame")
         if ended and start == 0 and stream.frames and n_decoded < 0.9 * stream.frames - 1:
             raise UserError(f"{path} is damaged or truncated: its header announces {stream.frames} frames "
                             f"but only {n_decoded} could be decoded; re-export or re-download it")
-        arr = buf.array()
-        info = VideoInfo(path=str(path), fps=out_fps, n_frames=len(arr), width=arr.shape[2], height=arr.shape[1],
-                         rotation=rotation or 0, mirrored=mirrored, has_audio=bool(container.streams.audio), duration=len(arr) / out_fps,
-                         source_fps=src_fps or out_fps, start=float(origin))
-        return arr, info
+        meta.update(path=str(path), fps=out_fps, n_frames=n_out, width=first[1], height=first[0], rotation=rotation or 0,
+                    mirrored=mirrored, has_audio=bool(container.streams.audio), duration=n_out / out_fps,
+                    source_fps=src_fps or out_fps, start=float(origin))
     finally: container.close()
+
+def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
+               progress: bool = True, max_gb: float = 16.0) -> tuple[np.ndarray, VideoInfo]:
+    """Decode `path` into uint8 RGB frames `(N, H, W, 3)`, upright, in square pixels (an anamorphic source is scaled to the
+    width a player shows it at), at `fps` (or the source's rate), nearest frame to each time. Frames that would take more
+    than `max_gb` are refused; `VideoFrames` reads them again at each pass instead of holding them."""
+    fps = None if fps is None else check_fps(fps)
+    max_frames, start = check_max_frames(max_frames), _check_start(start)
+    meta, buf = {}, None
+    for img in _decode(path, fps, max_frames, start, progress, max_gb * 2**30, meta):
+        if buf is None: buf = _FrameBuffer(meta['estimate'])
+        buf.append(img)
+    del meta['estimate']
+    return buf.array(), VideoInfo(**meta)
+
+# %% ../nbs/02_video.ipynb #fe044a20
+class VideoFrames:
+    """The frames `read_video(path, fps, max_frames, start)` returns, decoded again at each pass instead of held in
+    memory: `len`, iteration, `[i]` (in order: an earlier frame than the last one asked for re-decodes from the start),
+    `[lo:hi]` (a view) and `shape`; `info` is their `VideoInfo`. For videos whose frames do not fit in memory."""
+    def __init__(self, path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0, progress: bool = False):
+        self.path, self.fps = path, None if fps is None else check_fps(fps)
+        self.max_frames, self.start, self.progress = check_max_frames(max_frames), _check_start(start), progress
+        self._info, self._it, self._pos, self._last = None, None, -1, None
+        _open_video(path)[0].close()          # a missing or unreadable file fails here, as in `read_video`
+
+    def _pass(self, rgb: bool = True):
+        meta = {}
+        for img in _decode(self.path, self.fps, self.max_frames, self.start, self.progress, None, meta, rgb, warn=self._info is None):
+            yield img
+        del meta['estimate']
+        info = VideoInfo(**meta)
+        if self._info is not None and (info.n_frames, info.width, info.height) != (self._info.n_frames, self._info.width, self._info.height):
+            raise UserError(f"{self.path} changed while it was being read ({self._info.n_frames} frames, now {info.n_frames}): "
+                            "leave the input alone until the edit is done")
+        self._info = info
+
+    @property
+    def info(self) -> VideoInfo:
+        if self._info is None:
+            for _ in self._pass(rgb=False): pass          # a counting pass
+        return self._info
+
+    def __len__(self) -> int: return self.info.n_frames
+    @property
+    def shape(self) -> tuple: return (len(self), self.info.height, self.info.width, 3)
+    def __iter__(self): return self._pass()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1: raise ValueError("VideoFrames slices take every frame: [lo:hi]")
+            return _FrameSpan(self, lo, max(lo, hi))
+        i = operator.index(i); n = len(self)
+        if i < 0: i += n
+        if not 0 <= i < n: raise IndexError(f"frame {i} of {n}")
+        if self._it is None or i < self._pos: self._it, self._pos = self._pass(), -1
+        while self._pos < i: self._last, self._pos = next(self._it), self._pos + 1
+        return self._last
+
+class _FrameSpan:
+    "Frames `lo:hi` of a `VideoFrames`, read as it reads them."
+    def __init__(self, frames: VideoFrames, lo: int, hi: int): self.f, self.lo, self.hi = frames, lo, hi
+    def __len__(self): return self.hi - self.lo
+    @property
+    def shape(self) -> tuple: return (len(self), *self.f.shape[1:])
+    def __iter__(self): return itertools.islice(iter(self.f), self.lo, self.hi)
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            return self.f[self.lo + lo:self.lo + max(lo, hi):step]
+        i = operator.index(i)
+        if not -len(self) <= i < len(self): raise IndexError(f"frame {i} of {len(self)}")
+        return self.f[self.lo + i % len(self)]
 
 # %% ../nbs/02_video.ipynb #a6c4d7b1
 _AAC_DEFAULT_LAYOUTS = {1: 'mono', 2: 'stereo', 3: '3.0', 4: '4.0', 5: '5.0', 6: '5.1', 7: '6.1', 8: '7.1'}
@@ -346,47 +435,77 @@ def _yuv709(rgb: np.ndarray):
     f.colorspace, f.color_primaries, f.color_trc, f.color_range = _BT709 + (_LIMITED,)
     return f
 
+class VideoWriter:
+    """An H.264 video written one frame at a time — `with VideoWriter(path, fps, n_frames) as w: w.write(frame)` —
+    with `audio_from`'s audio cut to the `n_frames` frames' span. The file appears when the block ends without an
+    error (atomic, as `write_video`, which is this with a loop); the first frame sets the size."""
+    def __init__(self, path, fps, n_frames: int, audio_from=None, audio_start: float = 0.0, overwrite: bool = False,
+                 crf: int = 18, preset: str = 'medium'):
+        rate = fps if isinstance(fps, Fraction) else (Fraction(check_fps(fps)).limit_denominator(1001) or Fraction(fps).limit_denominator(2**31 - 1))
+        if rate <= 0: raise UserError(f"fps must be a finite number above 0 (frames per second), got {fps!r}")
+        self.path, self.rate, self.n, self.overwrite, self.crf, self.preset = Path(path), rate, n_frames, overwrite, crf, preset
+        self.audio = _load_audio(audio_from, audio_start, n_frames / float(rate)) if audio_from is not None else None
+        self.i, self.size = 0, None
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        with self._stack as s:
+            tmp = s.enter_context(atomic_output(self.path, overwrite=self.overwrite))
+            mov = self.path.suffix.lower() in ('.mp4', '.m4v', '.mov')      # the index-first flag exists for QuickTime-family files only
+            self.c = s.enter_context(av.open(str(tmp), 'w', options={'movflags': '+faststart'} if mov else {}))
+            self._stack = s.pop_all()
+        return self
+
+    def _open_streams(self, h: int, w: int):
+        self.size, (ph, pw) = (h, w), (h + h % 2, w + w % 2)
+        self.vs = vs = self.c.add_stream('libx264', rate=self.rate, options={'crf': str(self.crf), 'preset': self.preset})
+        vs.width, vs.height, vs.pix_fmt = pw, ph, 'yuv420p'
+        cc = vs.codec_context
+        cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = _BT709 + (_LIMITED,)
+        if self.audio is not None:
+            samples, arate, layout = self.audio
+            self.ast, self.apos = self.c.add_stream('aac', rate=arate, layout=layout), 0
+
+    def write(self, f):
+        "Encode the next uint8 RGB frame (H, W, 3), and the audio up to its end."
+        f = np.asarray(f)
+        if self.size is None: self._open_streams(*_check_frames([f]))
+        h, w = self.size
+        if f.shape[:2] != (h, w): raise ValueError(f"frame {self.i} is {f.shape[:2]}, frame 0 is {(h, w)}")
+        ph, pw = self.vs.height, self.vs.width
+        if (ph, pw) != (h, w): f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode='edge')
+        for p in self.vs.encode(_yuv709(f)): self.c.mux(p)
+        self.i += 1
+        if self.audio is not None:                   # audio up to the end of this frame
+            samples, arate, layout = self.audio
+            upto = min(samples.shape[1], int(round(self.i / float(self.rate) * arate)))
+            while self.apos < upto:
+                n = min(1024, samples.shape[1] - self.apos)
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, self.apos:self.apos + n].T).reshape(1, -1), format='flt', layout=layout)
+                af.sample_rate, af.pts = arate, self.apos
+                for p in self.ast.encode(af): self.c.mux(p)
+                self.apos += n
+
+    def __exit__(self, kind, value, tb):
+        with self._stack:                            # closes the file, then keeps it — or drops it on an error, raised in here for that
+            if kind is not None: raise value
+            if self.size is None: raise UserError("no frames to write")
+            for p in self.vs.encode(): self.c.mux(p)
+            if self.audio is not None:
+                for p in self.ast.encode(): self.c.mux(p)
+        return False
+
 def write_video(path, frames, fps, audio_from=None, audio_start: float = 0.0, overwrite: bool = False,
                 crf: int = 18, preset: str = 'medium', progress: bool = True, label: str | None = None) -> Path:
     "Encode uint8 RGB `frames` as H.264 mp4 at `fps`, with `audio_from`'s audio cut to the same span; atomic. `label`: the bar's file name."
-    h, w = _check_frames(frames)
-    rate = fps if isinstance(fps, Fraction) else (Fraction(check_fps(fps)).limit_denominator(1001) or Fraction(fps).limit_denominator(2**31 - 1))
-    if rate <= 0: raise UserError(f"fps must be a finite number above 0 (frames per second), got {fps!r}")
-    audio = _load_audio(audio_from, audio_start, len(frames) / float(rate)) if audio_from is not None else None
-    ph, pw = h + h % 2, w + w % 2
-    path = Path(path)
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        mov = path.suffix.lower() in ('.mp4', '.m4v', '.mov')          # the index-first flag exists for QuickTime-family files only
-        with av.open(str(tmp), 'w', options={'movflags': '+faststart'} if mov else {}) as c:
-            vs = c.add_stream('libx264', rate=rate, options={'crf': str(crf), 'preset': preset})
-            vs.width, vs.height, vs.pix_fmt = pw, ph, 'yuv420p'
-            cc = vs.codec_context
-            cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = _BT709 + (_LIMITED,)
-            if audio is not None:
-                samples, arate, layout = audio
-                ast = c.add_stream('aac', rate=arate, layout=layout)
-                fsize, apos = 1024, 0
-            for i, f in enumerate(tqdm(frames, desc=f'writing {label or path.name}', unit='frame', disable=not progress, leave=False)):
-                f = np.asarray(f)
-                if f.shape[:2] != (h, w): raise ValueError(f"frame {i} is {f.shape[:2]}, frame 0 is {(h, w)}")
-                if (ph, pw) != (h, w): f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode='edge')
-                for p in vs.encode(_yuv709(f)): c.mux(p)
-                if audio is not None:            # audio up to the end of this frame
-                    upto = min(samples.shape[1], int(round((i + 1) / float(rate) * arate)))
-                    while apos < upto:
-                        n = min(fsize, samples.shape[1] - apos)
-                        af = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, apos:apos + n].T).reshape(1, -1), format='flt', layout=layout)
-                        af.sample_rate, af.pts = arate, apos
-                        for p in ast.encode(af): c.mux(p)
-                        apos += n
-            for p in vs.encode(): c.mux(p)
-            if audio is not None:
-                for p in ast.encode(): c.mux(p)
-    return path
+    _check_frames(frames)
+    with VideoWriter(path, fps, len(frames), audio_from, audio_start, overwrite, crf, preset) as w:
+        for f in tqdm(frames, desc=f'writing {label or Path(path).name}', unit='frame', disable=not progress, leave=False): w.write(f)
+    return Path(path)
 
 # %% ../nbs/02_video.ipynb #339e2414
-def _sbs_row(o, e, labels, gap: int) -> np.ndarray:
-    "One frame `o | e`, the edited frame `e` resized to the height of `o`, labelled."
+def side_by_side_frame(o, e, labels=('original', 'edited'), gap: int = 0) -> np.ndarray:
+    "One frame `o | e`, the edited frame `e` resized to the height of `o`, labelled (a frame of `side_by_side`)."
     o, e = np.asarray(o), np.asarray(e)
     if e.shape[0] != o.shape[0]:
         e = cv2.resize(e, (round(e.shape[1] * o.shape[0] / e.shape[0]), o.shape[0]), interpolation=cv2.INTER_AREA)
@@ -403,7 +522,7 @@ class _SideBySide:
             raise UserError(f"original has {len(original)} frames but edited has {len(edited)}: give clips of equal length")
         self.o, self.e, self.labels, self.gap = original, edited, labels, gap
     def __len__(self): return len(self.o)
-    def __getitem__(self, i): return _sbs_row(self.o[i], self.e[i], self.labels, self.gap)
+    def __getitem__(self, i): return side_by_side_frame(self.o[i], self.e[i], self.labels, self.gap)
 
 def side_by_side(original, edited, labels=('original', 'edited'), gap: int = 0) -> np.ndarray:
     "Frames `(N, H, W1 + gap + W2, 3)`: `original | edited`, the edited frames resized to the original height."
