@@ -574,15 +574,17 @@ IPFaceDiffPipeline.edit = edit
 IPFaceDiffPipeline.__call__ = edit
 
 def edit_video(video, prompt: str, out=None, pipeline: IPFaceDiffPipeline | None = None, side_by_side=None,
-               overwrite: bool = False, **settings) -> EditResult:
+               overwrite: bool = False, stream: bool | None = None, **settings) -> EditResult:
     """One call: edit `video` by `prompt` with `pipeline` (default: SD 2.1-base for both branches); `settings` are `EditConfig`
-    fields. `video` is a path, or uint8 frames (N, H, W, 3) — then `fps=` is their rate (a file's `fps=` resamples it)."""
+    fields. `video` is a path, or uint8 frames (N, H, W, 3) — then `fps=` is their rate (a file's `fps=` resamples it).
+    `stream`: as `IPFaceDiffPipeline.edit`'s (None: a file whose frames would take over `STREAM_ABOVE_GB` GiB is streamed)."""
     raw = not isinstance(video, (str, os.PathLike))
     if raw and settings.get('fps') is None: raise UserError("pass the frame rate of the frames: edit_video(frames, prompt, fps=...)")
     rate = settings.pop('fps') if raw else None
     cfg = EditConfig(prompt, **settings).validate()           # before SD is loaded
     pipe = pipeline or IPFaceDiffPipeline.from_pretrained()
-    return pipe.edit(video, cfg, out=out, side_by_side=side_by_side, overwrite=overwrite, fps=rate)
+    if stream: _stream_choice(stream, video, out, cfg)          # refused before SD is loaded
+    return pipe.edit(video, cfg, out=out, side_by_side=side_by_side, overwrite=overwrite, fps=rate, stream=stream)
 
 # %% ../nbs/09_pipeline.ipynb #91ce26ad
 def is_lora_dir(spec) -> bool:
