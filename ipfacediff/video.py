@@ -435,6 +435,8 @@ def _yuv709(rgb: np.ndarray):
     f.colorspace, f.color_primaries, f.color_trc, f.color_range = _BT709 + (_LIMITED,)
     return f
 
+_X264_MAX_SIDE = 16384          # libx264 refuses wider or taller frames (avcodec_open2: "Generic error")
+
 class VideoWriter:
     """An H.264 video written one frame at a time — `with VideoWriter(path, fps, n_frames) as w: w.write(frame)` —
     with `audio_from`'s audio cut to the `n_frames` frames' span. The file appears when the block ends without an
@@ -458,13 +460,23 @@ class VideoWriter:
 
     def _open_streams(self, h: int, w: int):
         self.size, (ph, pw) = (h, w), (h + h % 2, w + w % 2)
-        self.vs = vs = self.c.add_stream('libx264', rate=self.rate, options={'crf': str(self.crf), 'preset': self.preset})
+        if max(ph, pw) > _X264_MAX_SIDE:
+            raise UserError(f"{self.path.name}: frames of {w}×{h} are too large for H.264 (libx264 takes at most {_X264_MAX_SIDE} px a side): scale them down")
+        # MB-tree rate control off: with it, libx264 encoded the same frames into different files from run to run at some
+        # sizes (280 px wide, portrait phone video), which broke "same seed, same file"; off costs ~5 % in size at CRF 18
+        self.vs = vs = self.c.add_stream('libx264', rate=self.rate, options={'crf': str(self.crf), 'preset': self.preset, 'mbtree': '0'})
         vs.width, vs.height, vs.pix_fmt = pw, ph, 'yuv420p'
         cc = vs.codec_context
         cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = _BT709 + (_LIMITED,)
         if self.audio is not None:
             samples, arate, layout = self.audio
             self.ast, self.apos = self.c.add_stream('aac', rate=arate, layout=layout), 0
+
+    def _encode(self, frame):
+        "The encoder's packets for `frame` (None: flush). With its settings ours and the size checked, libx264 fails for want of memory or threads."
+        try: return self.vs.encode(frame)
+        except (av.error.ExternalError, av.error.BlockingIOError) as e:
+            raise MemoryError(f"the H.264 encoder could not get the memory or threads it needs ({e.strerror or e})") from None
 
     def write(self, f):
         "Encode the next uint8 RGB frame (H, W, 3), and the audio up to its end."
@@ -474,7 +486,7 @@ class VideoWriter:
         if f.shape[:2] != (h, w): raise ValueError(f"frame {self.i} is {f.shape[:2]}, frame 0 is {(h, w)}")
         ph, pw = self.vs.height, self.vs.width
         if (ph, pw) != (h, w): f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode='edge')
-        for p in self.vs.encode(_yuv709(f)): self.c.mux(p)
+        for p in self._encode(_yuv709(f)): self.c.mux(p)
         self.i += 1
         if self.audio is not None:                   # audio up to the end of this frame
             samples, arate, layout = self.audio
@@ -490,7 +502,7 @@ class VideoWriter:
         with self._stack:                            # closes the file, then keeps it — or drops it on an error, raised in here for that
             if kind is not None: raise value
             if self.size is None: raise UserError("no frames to write")
-            for p in self.vs.encode(): self.c.mux(p)
+            for p in self._encode(None): self.c.mux(p)
             if self.audio is not None:
                 for p in self.ast.encode(): self.c.mux(p)
         return False
