@@ -103,13 +103,14 @@ def out_of_memory(e: BaseException) -> bool:
     "Is `e` memory running out: Python's/numpy's MemoryError, torch's CPU allocator, CUDA's OutOfMemoryError, or a library that could not be loaded for want of it?"
     oom = getattr(sys.modules.get('torch'), 'OutOfMemoryError', ())
     return isinstance(e, MemoryError) or (oom != () and isinstance(e, oom)) or \
-           (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)) or \
+           (isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or str(e).startswith('could not create a primitive'))) or \
            (isinstance(e, (ImportError, RuntimeError)) and _NO_MAP.search(str(e)) is not None)   # diffusers wraps it in a RuntimeError
 
 def oom_words(e: BaseException) -> str:
     "The useful part of an out-of-memory message, on one line: numpy's allocation, or how many bytes torch asked for."
     m = _NO_MAP.search(str(e))
     if m: return f'could not load {m.group(1)}'
+    if str(e).startswith('could not create a primitive'): return 'oneDNN could not create a primitive'   # its scratch memory or JIT code
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     m = re.search(r'tried to allocate (\d+) bytes', msg)
     if m: b = int(m.group(1)); return f'could not allocate {b / 2**30:.1f} GiB' if b >= 2**30 else f'could not allocate {b / 2**20:.1f} MiB'
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     except OSError as e:              # disk full, a name too long, no permission: what the system said, on one line
         where = f': {e.filename}' if e.filename else ''
         print(f'ipfacediff: error: {e.strerror or e}{where}', file=sys.stderr); return 1
-    except (MemoryError, RuntimeError) as e:
+    except (MemoryError, RuntimeError, ImportError) as e:   # ImportError: a library loaded on first use (dlib) that did not fit
         if not out_of_memory(e): raise
         print(f'ipfacediff: error: out of memory ({oom_words(e)}): {OOM_HINTS.get(args.command, "work on less at a time")}', file=sys.stderr)
         return 1

@@ -472,9 +472,9 @@ class VideoWriter:
             samples, arate, layout = self.audio
             self.ast, self.apos = self.c.add_stream('aac', rate=arate, layout=layout), 0
 
-    def _encode(self, frame):
-        "The encoder's packets for `frame` (None: flush). With its settings ours and the size checked, libx264 fails for want of memory or threads."
-        try: return self.vs.encode(frame)
+    def _encode(self, rgb):
+        "The encoder's packets for an RGB frame (None: flush). With its settings ours and the size checked, the conversion and libx264 fail for want of memory or threads."
+        try: return self.vs.encode(None if rgb is None else _yuv709(rgb))
         except (av.error.ExternalError, av.error.BlockingIOError) as e:
             raise MemoryError(f"the H.264 encoder could not get the memory or threads it needs ({e.strerror or e})") from None
 
@@ -486,7 +486,7 @@ class VideoWriter:
         if f.shape[:2] != (h, w): raise ValueError(f"frame {self.i} is {f.shape[:2]}, frame 0 is {(h, w)}")
         ph, pw = self.vs.height, self.vs.width
         if (ph, pw) != (h, w): f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode='edge')
-        for p in self._encode(_yuv709(f)): self.c.mux(p)
+        for p in self._encode(f): self.c.mux(p)
         self.i += 1
         if self.audio is not None:                   # audio up to the end of this frame
             samples, arate, layout = self.audio
