@@ -533,6 +533,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
         lo, hi = track.covered_span()            # frames before the face is first found or after it is last found: not edited
         part = track if (lo, hi) == (0, len(frames)) else track.sub(lo, hi)
         crops = None if stream else align_faces(frames[lo:hi], part, progress=self.progress)
+        if stream: frames.close()                # the decoder tracking read frame by frame: the next stages make their own
     with timer('encode'):                        # streamed: aligned here, batch by batch
         z0, crops_hash = self.encode_frames(frames[lo:hi], part, cfg.batch_size) if stream else (self.encode_crops(crops, cfg.batch_size), crops)
     with timer('inversion'):                     # finding the cache entry is part of the inversion's cost

@@ -322,6 +322,10 @@ class VideoFrames:
     def __len__(self) -> int: return self.info.n_frames
     @property
     def shape(self) -> tuple: return (len(self), self.info.height, self.info.width, 3)
+    def close(self):
+        "Let go of the decoder `[i]` reads from (its threads and buffers); the next `[i]` starts a new pass."
+        if self._it is not None: self._it.close()
+        self._it, self._pos, self._last = None, -1, None
     def __iter__(self): return self._pass()
 
     def __getitem__(self, i):
@@ -499,8 +503,11 @@ class VideoWriter:
                 self.apos += n
 
     def __exit__(self, kind, value, tb):
-        with self._stack:                            # closes the file, then keeps it — or drops it on an error, raised in here for that
-            if kind is not None: raise value
+        if kind is not None:                         # the file is dropped: closing it may fail too (a full disk), but that
+            try: self._stack.__exit__(kind, value, tb)   # must not hide the error that ended the block
+            except Exception: pass
+            return False
+        with self._stack:                            # closes the file, then keeps it (drops it if finishing it fails)
             if self.size is None: raise UserError("no frames to write")
             for p in self._encode(None): self.c.mux(p)
             if self.audio is not None:
