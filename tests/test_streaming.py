@@ -70,15 +70,17 @@ def test_cli_stream_flag(tmp_path, capsys, monkeypatch):
     assert r2.returncode == 0 and 'inversion: reused from the cache' in r2.stdout
     assert (tmp_path / 'a.mp4').read_bytes() == (tmp_path / 'b.mp4').read_bytes()
 
-def test_full_disk_leaves_nothing(tmp_path):
-    "A write that fails while the frames stream in: one line naming the user's file, no video, no temporary file."
+@pytest.mark.parametrize('kib', [64, 400])
+def test_full_disk_leaves_nothing(tmp_path, kib):
+    """A write that fails while the frames stream in: one line naming the file that failed — the side-by-side, twice as wide,
+    reaches the limit first; at 400 KiB the edited video (~325 KiB) would have fitted — no video, no temporary file."""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'IPFACEDIFF_CACHE': str(tmp_path / 'cache')}
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     r = subprocess.run([EXE, 'edit', str(data_path('sample.mp4')), '--prompt', 'add glasses', '--tiny', '--max-frames', '16',
                         '--steps', '2', '--out', 'out.mp4', '--side-by-side', 'sbs.mp4', '--stream', '--quiet'],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, preexec_fn=limit)
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1] in ('ipfacediff: error: File too large: out.mp4', 'ipfacediff: error: File too large: sbs.mp4')
+    assert r.stderr.strip().splitlines()[-1] == 'ipfacediff: error: File too large: sbs.mp4', r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == []
 
 def test_refused(pipe, tmp_path):
