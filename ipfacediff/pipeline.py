@@ -764,6 +764,8 @@ def run_edit(a) -> EditResult:
     print(f'wrote {out}: {r.n_frames} frames at {r.fps:g} fps' + ('' if r.span == (0, r.n_frames) else
           f' (frames {r.span[0]}–{r.span[1] - 1} edited: the face was not found before or after them)'))
     if a.side_by_side: print(f'wrote {a.side_by_side} (original | edited)')
+    if r.frames is None: print('frames: streamed, decoded from the file again at each stage' +
+                               ('' if a.stream else f' (more than {STREAM_ABOVE_GB:g} GiB of them: too many to hold)'))
     stored = lambda what: 'computed, not cached (see the warning)' if what in pipe.uncached else 'computed and cached'
     print('face track: ' + ('reused from the cache' if r.track_cached else stored('face track')))
     print('inversion: ' + ('reused from the cache (0 UNet calls)' if r.cache_hit else f"{stored('inversion')} ({r.unet_calls.get('inversion', 0)} UNet calls)"))

@@ -66,9 +66,14 @@ def test_cli_stream_flag(tmp_path, capsys, monkeypatch):
     r1 = run_inprocess(capsys, monkeypatch, 'edit', *args, '--out', tmp_path / 'a.mp4', '--stream', cache=tmp_path / 'c')
     assert r1.returncode == 0, r1.err
     assert 'wrote' in r1.stdout and '5 frames' in r1.stdout and 'decode, paste-back, write' in r1.stdout
+    assert 'frames: streamed, decoded from the file again at each stage\n' in r1.stdout
     r2 = run_inprocess(capsys, monkeypatch, 'edit', *args, '--out', tmp_path / 'b.mp4', cache=tmp_path / 'c')
-    assert r2.returncode == 0 and 'inversion: reused from the cache' in r2.stdout
+    assert r2.returncode == 0 and 'inversion: reused from the cache' in r2.stdout and 'streamed' not in r2.stdout
     assert (tmp_path / 'a.mp4').read_bytes() == (tmp_path / 'b.mp4').read_bytes()
+    monkeypatch.setattr(P, 'STREAM_ABOVE_GB', 0.001)                                  # 5 frames of 640×360: 3.3 MB
+    r3 = run_inprocess(capsys, monkeypatch, 'edit', *args, '--out', tmp_path / 'c.mp4', cache=tmp_path / 'c')
+    assert r3.returncode == 0 and 'frames: streamed, decoded from the file again at each stage (more than 0.001 GiB of them' in r3.stdout
+    assert (tmp_path / 'c.mp4').read_bytes() == (tmp_path / 'a.mp4').read_bytes()
 
 @pytest.mark.parametrize('kib', [64, 400])
 def test_full_disk_leaves_nothing(tmp_path, kib):
