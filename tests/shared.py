@@ -24,3 +24,19 @@ def one_line_error(f, *parts):
     msg = str(e.value)
     assert '\n' not in msg and all(p in msg for p in parts), msg
     return msg
+
+STREAM_SMOKE = dict(size=64, steps=2, inversion_steps=2, batch_size=3)   # streamed-edit tests: small, a batch boundary inside 8 frames
+
+@pytest.fixture(scope='module', name='pipe')
+def stream_pipe(tmp_path_factory):
+    "The fixture `pipe` of a file that imports this: a tiny pipeline with its own cache, for its streamed and held edits."
+    from ipfacediff.pipeline import IPFaceDiffPipeline
+    return IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path_factory.mktemp('cache'), progress=False)
+
+def stream_and_hold(pipe, video, folder, sbs=True, ext='.mp4', **cfg):
+    "The same edit streamed (s.mp4, s_sbs.mp4) and held in memory (m.mp4, m_sbs.mp4) in `folder`; their results."
+    from ipfacediff.pipeline import EditConfig
+    c = EditConfig('add glasses', **{**STREAM_SMOKE, **cfg})
+    rs = pipe.edit(video, c, out=folder / f's{ext}', side_by_side=folder / f's_sbs{ext}' if sbs else None, stream=True)
+    rm = pipe.edit(video, c, out=folder / f'm{ext}', side_by_side=folder / f'm_sbs{ext}' if sbs else None, stream=False)
+    return rs, rm

@@ -12,12 +12,8 @@ from ipfacediff.video import read_video, write_video, VideoFrames
 
 from cli_helpers import run_inprocess
 
-SMOKE = dict(size=64, steps=2, inversion_steps=2, batch_size=3)
+from shared import STREAM_SMOKE as SMOKE, stream_and_hold as both, stream_pipe  # noqa: F401 (the `pipe` fixture)
 EXE = shutil.which('ipfacediff') or str(Path(sys.executable).parent / 'ipfacediff')
-
-@pytest.fixture(scope='module')
-def pipe(tmp_path_factory):
-    return IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path_factory.mktemp('cache'), progress=False)
 
 @pytest.fixture(scope='module')
 def late_face(tmp_path_factory):
@@ -27,13 +23,6 @@ def late_face(tmp_path_factory):
     p = tmp_path_factory.mktemp('late') / 'late.mp4'
     write_video(p, f, info.fps, audio_from=data_path('sample.mp4'), progress=False)
     return p
-
-def both(pipe, video, folder: Path, **cfg):
-    "The same edit streamed and in memory; their results."
-    c = EditConfig('add glasses', **{**SMOKE, **cfg})
-    rs = pipe.edit(video, c, out=folder / 's.mp4', side_by_side=folder / 's_sbs.mp4', stream=True)
-    rm = pipe.edit(video, c, out=folder / 'm.mp4', side_by_side=folder / 'm_sbs.mp4', stream=False)
-    return rs, rm
 
 def test_face_in_part_of_the_video(pipe, late_face, tmp_path):
     "Frames before and after the face's span pass through; a batch boundary falls inside the span (3 a batch, 6 frames)."

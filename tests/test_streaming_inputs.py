@@ -9,11 +9,7 @@ from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig
 from ipfacediff.utils import data_path, UserError
 from ipfacediff.video import read_video, write_video, upright, VideoFrames
 
-SMOKE = dict(size=64, steps=2, inversion_steps=2, batch_size=3)
-
-@pytest.fixture(scope='module')
-def pipe(tmp_path_factory):
-    return IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path_factory.mktemp('cache'), progress=False)
+from shared import STREAM_SMOKE as SMOKE, stream_and_hold as both, stream_pipe  # noqa: F401 (the `pipe` fixture)
 
 @pytest.fixture(scope='module')
 def sample12():
@@ -34,12 +30,6 @@ def _raw(path, stored, rate=10, deg=None, hflip=False, sar=None, pts=None, tb=No
             for p in s.encode(vf): c.mux(p)
         for p in s.encode(): c.mux(p)
     return Path(path)
-
-def both(pipe, video, folder: Path, sbs=True, ext='.mp4', **cfg):
-    c = EditConfig('add glasses', **{**SMOKE, **cfg})
-    rs = pipe.edit(video, c, out=folder / f's{ext}', side_by_side=folder / f's_sbs{ext}' if sbs else None, stream=True)
-    rm = pipe.edit(video, c, out=folder / f'm{ext}', side_by_side=folder / f'm_sbs{ext}' if sbs else None, stream=False)
-    return rs, rm
 
 md5 = lambda p: hashlib.md5(Path(p).read_bytes()).hexdigest()
 

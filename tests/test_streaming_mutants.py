@@ -16,11 +16,7 @@ from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig
 from ipfacediff.utils import data_path
 from ipfacediff.video import read_video, write_video, video_bytes, VideoWriter
 
-SMOKE = dict(size=64, steps=2, inversion_steps=2, batch_size=3)
-
-@pytest.fixture(scope='module')
-def pipe(tmp_path_factory):
-    return IPFaceDiffPipeline.tiny(0, cache_dir=tmp_path_factory.mktemp('cache'), progress=False)
+from shared import STREAM_SMOKE as SMOKE, stream_pipe  # noqa: F401 (the `pipe` fixture)
 
 @pytest.fixture(scope='module')
 def clip(pipe):
