@@ -200,9 +200,9 @@ def video_bytes(path, fps: float | None = None, max_frames: int | None = None, s
         _, _, est, sq_w = _plan(container, stream, None if fps is None else check_fps(fps), check_max_frames(max_frames), _check_start(start))
         return None if est is None else est * (sq_w or stream.width) * stream.height * 3
 
-def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool = True, warn: bool = True):
+def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool = True, warn: bool = True, skip: int = 0):
     """One decoding pass over `path` (see `read_video`): yields each output frame as upright uint8 RGB in square pixels (as
-    None when not `rgb`, but the first: a counting pass). Fills `meta` with the `VideoInfo` fields (and `estimate`, the
+    None when not `rgb`, but the first: a counting pass; and the `skip` frames before the ones wanted). Fills `meta` with the `VideoInfo` fields (and `estimate`, the
     expected frame count, before the first frame); `limit`: the bytes all frames may take (None: no limit)."""
     container, stream = _open_video(path)
     try:
@@ -248,7 +248,7 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
                     origin = t
                 # emit `prev` for every output time nearer to it than to `frame`
                 while prev is not None and not done() and target() <= (prev_t + t) / 2 + 1e-9:
-                    yield convert(prev) if rgb or first is None else None
+                    yield convert(prev) if (rgb and n_out >= skip) or first is None else None
                     n_out += 1; k += 1; bar.update(1)
                 prev, prev_t = frame, t
                 if done(): break
@@ -256,7 +256,7 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
             if prev is not None:  # the last frame stands for one source frame period (resampling), or its own slot
                 end = prev_t + (1.0 / (src_fps or out_fps) if fps else 0.5 / out_fps)
                 while not done() and target() < end - 1e-9:
-                    yield convert(prev) if rgb or first is None else None
+                    yield convert(prev) if (rgb and n_out >= skip) or first is None else None
                     n_out += 1; k += 1; bar.update(1)
         except GeneratorExit: raise                   # the reader stopped early (first: no module global to look up at exit)
         except av.error.MemoryError: raise            # memory ran out, the file is fine: the CLI says "out of memory"
@@ -302,9 +302,9 @@ class VideoFrames:
         self._info, self._it, self._pos, self._last = None, None, -1, None
         _open_video(path)[0].close()          # a missing or unreadable file fails here, as in `read_video`
 
-    def _pass(self, rgb: bool = True):
+    def _pass(self, rgb: bool = True, skip: int = 0):
         meta = {}
-        for img in _decode(self.path, self.fps, self.max_frames, self.start, self.progress, None, meta, rgb, warn=self._info is None):
+        for img in _decode(self.path, self.fps, self.max_frames, self.start, self.progress, None, meta, rgb, self._info is None, skip):
             yield img
         del meta['estimate']
         info = VideoInfo(**meta)
@@ -346,7 +346,7 @@ class _FrameSpan:
     def __len__(self): return self.hi - self.lo
     @property
     def shape(self) -> tuple: return (len(self), *self.f.shape[1:])
-    def __iter__(self): return itertools.islice(iter(self.f), self.lo, self.hi)
+    def __iter__(self): return itertools.islice(self.f._pass(skip=self.lo), self.lo, self.hi)   # frames before `lo`: not converted
     def __getitem__(self, i):
         if isinstance(i, slice):
             lo, hi, step = i.indices(len(self))
