@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_metrics.ipynb #4e729b44
 from __future__ import annotations
-import contextlib, csv, functools, hashlib, importlib.util, io, json, math, os, re, shutil, tempfile, time, warnings, weakref
+import contextlib, csv, functools, hashlib, importlib.util, io, itertools, json, math, os, re, shutil, tempfile, time, warnings, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,10 +14,11 @@ from .utils import (UserError, IMAGE_EXTS, atomic_dir, atomic_output, usable_cac
                               weights_fingerprint, writing, save_figure)
 
 # %% auto #0
-__all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'face_crops', 'cosine_distance', 'frame_embeddings', 'video_embedding',
-           'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank', 'retrieval_metrics', 'raft_available',
-           'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id', 'tg_id', 'clip_direction_score',
-           'StageTimer', 'list_media', 'load_media', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
+__all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes', 'face_crops', 'cosine_distance',
+           'frame_embeddings', 'video_embedding', 'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank',
+           'retrieval_metrics', 'raft_available', 'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id',
+           'tg_id', 'clip_image_features', 'clip_direction', 'clip_direction_score', 'StageTimer', 'list_media',
+           'load_media', 'media_frames', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
            'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate',
            'check_folder', 'add_cli']
 
@@ -32,24 +33,47 @@ def _crop(img, M, size):
     w = getattr(faces, '_warp', None)            # shrink-aware warp of the faces module when present
     return w(img, M, (size, size)) if w else cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
-def crops_at(frames, boxes, size: int = 512) -> np.ndarray:
-    "FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames whose face box (x0, y0, x1, y1) is finite: landmarks in that box, no detection."
-    from ipfacediff.faces import face_landmarks, ffhq_quad, crop_matrix
-    out = []
-    for f, b in zip(frames, np.asarray(boxes, np.float64)):
-        if not np.isfinite(b).all(): continue
-        c, x = ffhq_quad(face_landmarks(f, b))
-        out.append(_crop(f, crop_matrix(c, x, size), size))
-    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+def _lazy(frames) -> bool:
+    "Whether `frames` decodes its frames where they are used (a `VideoFrames` or a span of one): a `shape`, but not an array."
+    return not isinstance(frames, (np.ndarray, torch.Tensor)) and isinstance(getattr(frames, 'shape', None), tuple)
 
-def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = False):
-    """FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames with a face, the mask `(N,)` of those frames,
-    and the chosen face boxes `(N, 4)` (x0, y0, x1, y1; NaN without a face)."""
-    from ipfacediff.faces import detect_all, _follow, MAX_GAP
+def _as_frames(frames):
+    "uint8 RGB frames `(N, H, W, 3)` as an array (one `(H, W, 3)` frame: N = 1), or a `VideoFrames` as it is."
+    if _lazy(frames):
+        if len(frames.shape) != 4 or frames.shape[-1] != 3: raise UserError(f"expected frames (N, H, W, 3), got shape {frames.shape}")
+        return frames
     frames = np.asarray(frames)
     if frames.ndim == 3: frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise UserError(f"expected uint8 RGB frames (N, H, W, 3), got {frames.dtype} {frames.shape}")
+    return frames
+
+def _iter_crops(frames, boxes, size: int):
+    from ipfacediff.faces import face_landmarks, ffhq_quad, crop_matrix
+    boxes = np.asarray(boxes, np.float64)
+    found = np.flatnonzero(np.isfinite(boxes).all(1))
+    if not len(found): return
+    for f, b in zip(itertools.islice(frames, found[-1] + 1), boxes):       # no frame after the last face is read
+        if not np.isfinite(b).all(): continue
+        f = np.asarray(f)
+        c, x = ffhq_quad(face_landmarks(f, b))
+        yield _crop(f, crop_matrix(c, x, size), size)
+
+def crops_at(frames, boxes, size: int = 512) -> np.ndarray:
+    "FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames whose face box (x0, y0, x1, y1) is finite: landmarks in that box, no detection."
+    out = list(_iter_crops(frames, boxes, size))
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+def crop_batches(frames, boxes, size: int = 512, batch_size: int = 16):
+    "`crops_at`'s crops, `batch_size` at a time (uint8 `(B, size, size, 3)`): one pass through `frames`, one batch in memory."
+    it = _iter_crops(frames, boxes, size)
+    while batch := list(itertools.islice(it, batch_size)): yield np.stack(batch)
+
+def face_boxes(frames, reference_boxes=None, progress: bool = False):
+    """The mask `(N,)` of the frames with a face and the chosen face boxes `(N, 4)` (x0, y0, x1, y1; NaN without a face)
+    of uint8 frames `(N, H, W, 3)` or a `VideoFrames` (one detection pass; two if the reduced frames show no face)."""
+    from ipfacediff.faces import detect_all, _follow, MAX_GAP
+    frames = _as_frames(frames)
     n = len(frames)
     if n == 0: raise UserError("no frames to look for a face in")
     ref = None if reference_boxes is None else np.asarray(reference_boxes, np.float64)
@@ -68,6 +92,13 @@ def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = F
     if not det.any():
         raise UserError(f"no face found in any of the {n} frames" + (" where the original shows one" if ref is not None else "") +
                         ": give a video with a clearly visible, roughly frontal face (at least ~80 px wide)")
+    return det, boxes
+
+def face_crops(frames, size: int = 512, reference_boxes=None, progress: bool = False):
+    """FFHQ-aligned crops uint8 `(K, size, size, 3)` of the frames with a face, the mask `(N,)` of those frames,
+    and the chosen face boxes `(N, 4)` (`face_boxes`, then `crops_at`; all K crops at once — `crop_batches` cuts them a batch at a time)."""
+    frames = _as_frames(frames)
+    det, boxes = face_boxes(frames, reference_boxes, progress)
     return crops_at(frames, boxes, size), det, boxes
 
 def _scale_boxes(boxes, src_hw, dst_hw) -> np.ndarray:
@@ -237,9 +268,9 @@ def fb_consistency_mask(flow_bw, flow_fw, alpha1: float = 0.01, alpha2: float = 
     d = ((flow_bw + fw_at) ** 2).sum(-1)
     return inside & (d < alpha1 * ((flow_bw ** 2).sum(-1) + (fw_at ** 2).sum(-1)) + alpha2)
 
-def _as_float_frames(frames) -> np.ndarray:
-    f = np.asarray(frames)
-    if f.ndim != 4 or f.shape[-1] != 3: raise UserError(f"expected frames (N, H, W, 3), got shape {f.shape}")
+def _as_float_frames(frames):
+    f = frames if _lazy(frames) else np.asarray(frames)
+    if len(f.shape) != 4 or f.shape[-1] != 3: raise UserError(f"expected frames (N, H, W, 3), got shape {f.shape}")
     return f
 
 def warp_error(frames, flow: str = 'dis', occlusion_mask: bool = False, flow_frames=None,
@@ -249,22 +280,27 @@ def warp_error(frames, flow: str = 'dis', occlusion_mask: bool = False, flow_fra
     `o_t = compute_flow(I_{t+1}, I_t, flow)` (the flow from t+1 to t, for the backward warp). With
     `flow_frames` (e.g. the original video) the flow is computed on those frames instead and applied
     to `frames`. With `occlusion_mask`, pixels failing the forward–backward check are left out.
-    The mean is over the T−1 pairs of a T-frame video; `return_per_frame` also returns the T−1 values."""
+    The mean is over the T−1 pairs of a T-frame video; `return_per_frame` also returns the T−1 values.
+    `frames` (and `flow_frames`) may be a `VideoFrames`: one pass through it, two frames in memory."""
     f = _as_float_frames(frames)
     if len(f) < 2: raise UserError(f"the warp error needs at least 2 frames, got {len(f)}")
-    ff = f if flow_frames is None else _as_float_frames(flow_frames)
-    if ff.shape[:3] != f.shape[:3]:
-        raise UserError(f"flow_frames {ff.shape[:3]} and frames {f.shape[:3]} differ in length or size")
-    scale = 255.0 if f.dtype == np.uint8 else 1.0
+    ff = None if flow_frames is None else _as_float_frames(flow_frames)
+    if ff is not None and tuple(ff.shape[:3]) != tuple(f.shape[:3]):
+        raise UserError(f"flow_frames {tuple(ff.shape[:3])} and frames {tuple(f.shape[:3])} differ in length or size")
+    pairs = ((x, x) for x in f) if ff is None else zip(f, ff)           # (I_t, the frame its flow is computed on)
+    prev, prev_ff = next(pairs)
+    scale = 255.0 if np.asarray(prev).dtype == np.uint8 else 1.0
     errs = np.empty(len(f) - 1)
     for t in tqdm(range(len(f) - 1), desc='warp error', disable=not progress, leave=False):
-        bw = compute_flow(ff[t + 1], ff[t], flow)
-        w = warp(f[t], bw)
-        diff = np.abs(w - f[t + 1].astype(np.float32) / scale)
+        cur, cur_ff = next(pairs)
+        bw = compute_flow(cur_ff, prev_ff, flow)
+        w = warp(prev, bw)
+        diff = np.abs(w - np.asarray(cur).astype(np.float32) / scale)
         if occlusion_mask:
-            m = fb_consistency_mask(bw, compute_flow(ff[t], ff[t + 1], flow))
+            m = fb_consistency_mask(bw, compute_flow(prev_ff, cur_ff, flow))
             errs[t] = diff[m].mean() if m.any() else np.nan
         else: errs[t] = diff.mean()
+        prev, prev_ff = cur, cur_ff
     e = float(np.nanmean(errs)) if np.isfinite(errs).any() else float('nan')
     return (e, errs) if return_per_frame else e
 
@@ -303,6 +339,19 @@ def tg_id(embeddings, reference=None) -> float:
 
 # %% ../nbs/10_metrics.ipynb #58c0bc43
 @torch.no_grad()
+def clip_image_features(frames, clip, batch_size: int = 8) -> torch.Tensor:
+    "f_I of uint8 frames `(N, H, W, 3)`: CLIP image embeddings, L2-normalised, float `(N, D)` on the CPU, `batch_size` at a time."
+    out = [torch.nn.functional.normalize(clip.encode_image(
+               torch.from_numpy(np.ascontiguousarray(frames[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255), dim=-1).cpu()
+           for i in range(0, len(frames), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+def clip_direction(f_edited, f_original, direction) -> np.ndarray:
+    "Per frame cos(f_I(edited) − f_I(original), ΔT) from normalised image features `(N, D)` and the text direction ΔT `(D,)`, float64."
+    d = torch.nn.functional.normalize(f_edited - f_original, dim=-1)
+    return (d * torch.as_tensor(direction).cpu()[None]).sum(-1).double().numpy()
+
+@torch.no_grad()
 def clip_direction_score(edited, original, target: str, source: str, clip='openai/clip-vit-base-patch32',
                          batch_size: int = 8, templates=None, return_per_frame: bool = False, direction=None):
     "Mean over frames of cos(f_I(edited) − f_I(original), f_T(target) − f_T(source)); frames uint8 `(N, H, W, 3)`; `direction`: that ΔT, precomputed."
@@ -311,14 +360,7 @@ def clip_direction_score(edited, original, target: str, source: str, clip='opena
     e, o = np.asarray(edited), np.asarray(original)
     if len(e) != len(o): raise UserError(f"{len(e)} edited frames but {len(o)} original frames")
     dt = text_direction(clip, target, source, templates)[0] if direction is None else torch.as_tensor(direction)
-    def emb(x):
-        out = []
-        for i in range(0, len(x), batch_size):
-            b = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
-            out.append(torch.nn.functional.normalize(clip.encode_image(b), dim=-1).cpu())
-        return torch.cat(out)
-    d = torch.nn.functional.normalize(emb(e) - emb(o), dim=-1)
-    s = (d * dt.cpu()[None]).sum(-1).double().numpy()
+    s = clip_direction(clip_image_features(e, clip, batch_size), clip_image_features(o, clip, batch_size), dt)
     return (float(s.mean()), s) if return_per_frame else float(s.mean())
 
 # %% ../nbs/10_metrics.ipynb #d35f96f6
@@ -429,6 +471,18 @@ def load_media(path, fps: float | None = None, max_frames: int | None = None, re
     fr, info = read_video(path, fps=fps, max_frames=max_frames, progress=False)
     return (fr, info.fps) if return_fps else fr
 
+def media_frames(path, fps: float | None = None, max_frames: int | None = None, stream: bool | None = None):
+    """`load_media(path, fps, max_frames, return_fps=True)`, or for a video file streamed, a `VideoFrames` (decoding the
+    frames again where they are used) and its rate. `stream=None`: streamed when its frames would take more than
+    `video.STREAM_ABOVE_GB` GiB; stills and image folders are always held."""
+    path = Path(path)
+    if stream is not False and path.is_file() and path.suffix.lower() not in IMAGE_EXTS:
+        from ipfacediff.video import VideoFrames, too_big_to_hold
+        if stream or too_big_to_hold(path, fps, max_frames):
+            v = VideoFrames(path, fps=fps, max_frames=max_frames)
+            return v, v.info.fps
+    return load_media(path, fps=fps, max_frames=max_frames, return_fps=True)
+
 def content_hash(path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, or of a folder's images (names and bytes, in order)."
     h, path = hashlib.sha256(), Path(path)
@@ -460,12 +514,17 @@ def embedder_name(embedder) -> str:
 
 def embed_frames(frames, embedders: dict, size: int = 512, batch_size: int = 16, reference_boxes=None,
                  progress: bool = False) -> dict:
-    "`{recognizer: FaceEmbeddings}` of uint8 frames `(N, H, W, 3)`; one face detection/alignment for all (see `face_crops`)."
-    crops, det, boxes = face_crops(frames, size=size, reference_boxes=reference_boxes, progress=progress)
+    """`{recognizer: FaceEmbeddings}` of uint8 frames `(N, H, W, 3)` or a `VideoFrames`: one face detection for all recognizers
+    (`face_boxes`), then the aligned crops `batch_size` at a time, each batch through every recognizer (never all crops at once)."""
+    frames = _as_frames(frames)
+    det, boxes = face_boxes(frames, reference_boxes, progress)
+    parts = {k: [] for k in embedders}
+    for crops in tqdm(crop_batches(frames, boxes, size, batch_size), total=-(-int(det.sum()) // batch_size), desc='embedding',
+                      disable=not progress, leave=False):
+        for k, emb in embedders.items(): parts[k].append(frame_embeddings(crops, emb, batch_size))
     out = {}
-    for k, emb in embedders.items():
-        e = frame_embeddings(crops, emb, batch_size, progress)
-        full = np.full((len(det), e.shape[1]), np.nan); full[det] = e
+    for k, e in parts.items():
+        e = np.concatenate(e); full = np.full((len(det), e.shape[1]), np.nan); full[det] = e
         out[k] = FaceEmbeddings(full, det, boxes)
     return out
 
@@ -499,8 +558,9 @@ class EmbedStats:
 
 def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None, max_frames: int | None = None,
                 size: int = 512, batch_size: int = 16, stats: EmbedStats | None = None, frames=None,
-                reference_boxes=None, progress: bool = False, digest: str | None = None) -> dict:
-    "`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given (`digest`: its `content_hash`, if known)."
+                reference_boxes=None, progress: bool = False, digest: str | None = None, stream: bool | None = None) -> dict:
+    """`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given (`digest`: its
+    `content_hash`, if known; `frames`: its frames, if already read; else read as `media_frames(path, fps, max_frames, stream)`)."""
     settings = {'fps': fps, 'max_frames': max_frames, 'size': size,
                 'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
     out, keys = {}, {}
@@ -528,7 +588,7 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
             warnings.warn(f"could not write the embedding cache file {keys[k]} ({e.strerror or e}): the evaluation goes on; "
                           "the next one computes it again")
     if todo:
-        if frames is None: frames = load_media(path, fps=fps, max_frames=max_frames)
+        if frames is None: frames = media_frames(path, fps, max_frames, stream)[0]
         try: new = embed_frames(frames, todo, size=size, batch_size=batch_size, reference_boxes=reference_boxes, progress=progress)
         except UserError as e:
             if str(e).startswith('no face found'):              # remembered, so a re-run skips the detection
@@ -660,8 +720,11 @@ def _plots(res: dict, per_frame: dict, out: Path):
 def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metric: str = 'euclidean',
              flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None, max_frames: int | None = None,
              clip=None, prompt: str | None = None, source_prompt: str | None = None, cache_dir=None,
-             batch_size: int = 16, overwrite: bool = False, progress: bool = True, timer: StageTimer | None = None) -> dict:
-    "Score edited videos against their originals (Tables 1 and 3); writes the report folder `out` (see above) and returns metrics.json's content."
+             batch_size: int = 16, overwrite: bool = False, progress: bool = True, timer: StageTimer | None = None,
+             stream: bool | None = None) -> dict:
+    """Score edited videos against their originals (Tables 1 and 3); writes the report folder `out` (see above) and returns
+    metrics.json's content. One video's frames are in memory at a time; `stream`: not even those — each video file is
+    decoded again where its frames are used (None: a file whose frames would take more than `video.STREAM_ABOVE_GB` GiB)."""
     timer = timer or StageTimer()
     edited = [edited] if isinstance(edited, (str, os.PathLike)) else list(edited)
     out = check_report_folder(out, overwrite, 'metrics.json', 'evaluation report', listed=[original, gallery, *edited])
@@ -720,21 +783,29 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     log: list[str] = []
     def warn(msg): log.append(msg); warnings.warn(msg)
     stats = EmbedStats()
-    kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats)
-    # originals: frames kept for the paired ones (warp error, per-frame comparisons, CLIP)
+    kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats, stream=stream)
+    def _we(x):                                         # a still has no consecutive pair: no warp error
+        return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
+    # originals: what the edits are compared with (size, warp error, CLIP features) is taken while their frames are read
     needed = {n for items in methods.values() for n in items}
-    orig_frames, orig_fps, orig_emb, orig_hash = {}, {}, {}, {}
+    orig_seen, orig_emb, orig_hash, warp_orig, clip_orig = {}, {}, {}, {}, {}
     for n, p in tqdm(originals.items(), desc='originals', disable=not progress):
-        fr = None
+        fr = None                                       # the previous original's frames go before the next are read
         if n in needed:
-            with timer('read video'): fr, orig_fps[n] = load_media(p, fps=fps, max_frames=max_frames, return_fps=True)
-            orig_frames[n] = fr
+            with timer('read video'): fr, rate = media_frames(p, fps, max_frames, stream)
+            orig_seen[n] = {'n_frames': len(fr), 'size': list(fr.shape[1:3]), 'fps': rate}
         orig_hash[n] = content_hash(p)
         with timer('faces + embeddings'):
             try: orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, digest=orig_hash[n], **kw)
             except UserError as e:              # an original no edit is paired with is only a distractor in the ranking
                 if n in needed: raise
                 warn(f"original {n} (no edit of it given): {'no face found' if 'no face' in str(e) else e}, left out of the gallery"); continue
+        if fr is None: continue
+        with timer('warp error'): warp_orig[n] = _we(fr)
+        if clip is not None:                    # f_I of the original's faces, where the identity metrics found them
+            with timer('clip direction'):
+                clip_orig[n] = torch.cat([clip_image_features(c, clip) for c in crop_batches(fr, orig_emb[n][recs[0]].boxes)])
+    fr = None                                           # the last original's frames are not needed by the edits
     gal_names = [n for n in originals if n in orig_emb]
     gal = {r: [orig_emb[n][r].embedding for n in gal_names] for r in recs}
     if gallery is not None:
@@ -759,16 +830,14 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                         'prompt': prompt, 'source_prompt': source_prompt, 'clip': None if clip is None else getattr(clip, 'name', str(clip))},
            'recognizers': recs, 'gallery_size': len(gal_names), 'methods': {}, 'warnings': log}
     per_frame, csv_rows = {}, {}
-    warp_orig_cache, clip_orig_cache = {}, {}
-    def _we(x):                                         # a still has no consecutive pair: no warp error
-        return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
     for m, items in methods.items():
         videos = {}
         for n, p in tqdm(items.items(), desc=f'{m}', disable=not progress):
-            with timer('read video'): ef, ef_fps = load_media(p, fps=fps, max_frames=max_frames, return_fps=True)
-            of = orig_frames[n]
+            ef = None                                   # the previous edit's frames go before the next are read
+            with timer('read video'): ef, ef_fps = media_frames(p, fps, max_frames, stream)
+            of = orig_seen[n]
             o_emb = orig_emb[n]
-            to_edit = lambda b: _scale_boxes(b, of.shape[1:3], ef.shape[1:3])     # the original's boxes on the edit's frames
+            to_edit = lambda b: _scale_boxes(b, of['size'], ef.shape[1:3])     # the original's boxes on the edit's frames
             with timer('faces + embeddings'):
                 try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=to_edit(o_emb[recs[0]].boxes), **kw)
                 except UserError as e:                 # the edit destroyed the face: scored as a failed edit, not a crash
@@ -776,12 +845,13 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                     e_emb = {r: FaceEmbeddings(np.full((len(ef), o_emb[r].frames.shape[1]), np.nan), np.zeros(len(ef), bool),
                                                np.full((len(ef), 4), np.nan)) for r in recs}
             face = bool(e_emb[recs[0]].detected.any())
-            nmin = min(len(ef), len(of))
-            v = {'n_frames_original': len(of), 'n_frames_edited': len(ef), 'n_frames_compared': nmin,
-                 'size_original': list(of.shape[1:3]), 'size_edited': list(ef.shape[1:3]),
-                 'fps_original': orig_fps[n], 'fps_edited': ef_fps, 'face_found': face}
-            if len(ef) != len(of):
-                warn(f"{m}/{n}: the edit has {len(ef)} frames, the original {len(of)}: both truncated to the first {nmin} for per-frame comparisons")
+            nmin = min(len(ef), of['n_frames'])
+            v = {'n_frames_original': of['n_frames'], 'n_frames_edited': len(ef), 'n_frames_compared': nmin,
+                 'size_original': of['size'], 'size_edited': list(ef.shape[1:3]),
+                 'fps_original': of['fps'], 'fps_edited': ef_fps, 'face_found': face}
+            if len(ef) != of['n_frames']:
+                warn(f"{m}/{n}: the edit has {len(ef)} frames, the original {of['n_frames']}: both truncated to the first {nmin} "
+                     f"for per-frame comparisons")
             ot = {r: o_emb[r].truncate(nmin) for r in recs}; et = {r: e_emb[r].truncate(nmin) for r in recs}
             d0, d1 = ot[recs[0]].detected, et[recs[0]].detected
             v['frames_without_face_original'] = int((~o_emb[recs[0]].detected).sum())
@@ -800,10 +870,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                                     'mean_frame_cosine_distance': _nanmean(fd),
                                     'query': e_emb[r].embedding if face else None}
             per_frame[(m, n)] = pf
-            with timer('warp error'):
-                we, wpf = _we(ef)
-                if n not in warp_orig_cache: warp_orig_cache[n] = _we(of)
-                wo, wopf = warp_orig_cache[n]
+            with timer('warp error'): we, wpf = _we(ef)
+            wo, wopf = warp_orig[n]
             v['warp_error'], v['warp_error_original'] = we, wo
             r0 = recs[0]
             for k, f in (('tl_id', tl_id), ('tg_id', tg_id)):   # each on its own: no adjacent pair for TL-ID can leave TG-ID valid
@@ -814,24 +882,24 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             v['clip_direction'] = None
             if clip is not None and both.any():           # frames where the original and the edit both show a face
                 with timer('clip direction'):
-                    # at the faces the identity metrics found (no second detection): the original's once per video
+                    # at the faces the identity metrics found (no second detection); the original's f_I were taken above
                     b_o, b_e = o_emb[r0].boxes, e_emb[r0].boxes[:nmin]
-                    if n not in clip_orig_cache: clip_orig_cache[n] = crops_at(of, b_o)
-                    crops_o, det_o = clip_orig_cache[n], np.isfinite(b_o[:nmin, 0])
-                    crops_e, det_e = crops_at(ef[:nmin], b_e), np.isfinite(b_e[:, 0])
-                    ie, io_ = np.cumsum(det_e) - 1, np.cumsum(det_o) - 1
-                    idx = np.flatnonzero(det_e & det_o)
-                    if len(idx): v['clip_direction'] = clip_direction_score(crops_e[ie[idx]], crops_o[io_[idx]], prompt, source_prompt, clip,
-                                                                            direction=clip_dir)
+                    idx = np.flatnonzero(np.isfinite(b_e[:, 0]) & np.isfinite(b_o[:nmin, 0]))
+                    if len(idx):
+                        at = np.full_like(b_e, np.nan); at[idx] = b_e[idx]        # crops of the frames compared, no others
+                        f_e = torch.cat([clip_image_features(c, clip) for c in crop_batches(ef, at)])
+                        f_o = clip_orig[n][(np.cumsum(np.isfinite(b_o[:, 0])) - 1)[idx]]
+                        v['clip_direction'] = float(clip_direction(f_e, f_o, clip_dir).mean())
             videos[n] = v
             rows = []
             for t in range(nmin):
                 row = {'frame': t, 'face_original': int(d0[t]), 'face_edited': int(d1[t])}
                 for r in recs: row[f'cosine_distance_{r}'] = pf[r][t]
                 row['warp_error_edited'] = wpf[t - 1] if 0 < t < len(ef) else np.nan
-                row['warp_error_original'] = wopf[t - 1] if 0 < t < len(of) else np.nan
+                row['warp_error_original'] = wopf[t - 1] if 0 < t < of['n_frames'] else np.nan
                 rows.append(row)
             csv_rows[(m, n)] = rows
+            del ef
         with timer('ranking'):
             names = list(videos)
             ident = {}
@@ -901,6 +969,9 @@ def add_cli(subparsers):
     p.add_argument('--prompt', default=None); p.add_argument('--source-prompt', default=None)
     p.add_argument('--cache-dir', default=None, help='cache face embeddings here (keyed by file content, recognizer, settings)')
     p.add_argument('--batch-size', type=int, default=16)
+    from ipfacediff.video import STREAM_ABOVE_GB
+    p.add_argument('--stream', action='store_true', help='decode each video again where its frames are used instead of holding them '
+                   f'(same numbers; automatic for a video whose frames would take over {STREAM_ABOVE_GB:g} GiB)')
     p.add_argument('--out', required=True, help='output folder (created; never overwritten without --overwrite)')
     p.add_argument('--overwrite', action='store_true')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -911,7 +982,7 @@ def add_cli(subparsers):
         res = evaluate(a.original, a.edited, a.out, gallery=a.gallery, recognizers=a.recognizers, rank_metric=a.rank_metric,
                        flow=a.flow, occlusion_mask=a.occlusion_mask, fps=a.fps, max_frames=a.max_frames, clip=a.clip,
                        prompt=a.prompt, source_prompt=a.source_prompt, cache_dir=a.cache_dir, batch_size=a.batch_size,
-                       overwrite=a.overwrite, progress=not a.quiet)
+                       overwrite=a.overwrite, progress=not a.quiet, stream=a.stream or None)
         print((Path(a.out) / 'table1.md').read_text()); print((Path(a.out) / 'table3.md').read_text())
         print(f'wrote {a.out}')
     p.set_defaults(func=run)

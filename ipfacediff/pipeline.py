@@ -18,16 +18,17 @@ from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_br
 from .injection import injection_schedule, AttentionControl, BatchedSource, Features, DEFAULT_CONV_LAYERS
 from .propagation import TokenFlowControl, Keyframes, sample_keyframes, frame_batches
 from .video import (DECODE_RULES, read_video, write_video, write_side_by_side, check_fps, check_max_frames, resample_indices,
-                             VideoFrames, VideoWriter, video_bytes, side_by_side_frame)
+                             VideoFrames, VideoWriter, too_big_to_hold, side_by_side_frame)
+import ipfacediff.video as video_io
 from .faces import FaceTrack, tracker_id, track_faces, align_faces, paste_back, warn_unedited, save_track, load_track, MASK_REGIONS
 from .metrics import StageTimer, content_hash
 
 # %% auto #0
-__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'STREAM_ABOVE_GB', 'EditConfig',
-           'unet_budget', 'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops',
-           'decode_latents', 'write_cache', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents',
-           'face_track', 'check_outputs', 'encode_frames', 'write_edited', 'edit', 'edit_video', 'is_lora_dir',
-           'rows_routable', 'AdapterRows', 'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
+__all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
+           'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
+           'write_cache', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
+           'check_outputs', 'encode_frames', 'write_edited', 'edit', 'edit_video', 'is_lora_dir', 'rows_routable',
+           'AdapterRows', 'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -420,8 +421,6 @@ def check_outputs(out=None, side_by_side=None, overwrite: bool = False, video=No
         raise UserError(f"--out and --side-by-side are the same file {out}: give two names")
 
 # %% ../nbs/09_pipeline.ipynb #80f7cb31
-STREAM_ABOVE_GB = 4.0       # `edit(stream=None)` streams a file whose frames would take more memory than this
-
 @torch.no_grad()
 def encode_frames(self: IPFaceDiffPipeline, frames, track: FaceTrack, batch_size: int = 8):
     """z0 of the faces of `frames` — a sequence read once, in order, such as a `VideoFrames` — aligned by `track` and
@@ -482,16 +481,13 @@ def write_edited(self: IPFaceDiffPipeline, frames, z: torch.Tensor, track: FaceT
 IPFaceDiffPipeline.write_edited = write_edited
 
 def _stream_choice(stream, video, out, cfg: EditConfig) -> bool:
-    "Whether `edit` streams `video`: as asked, or (None) when it is a file whose frames would take more than `STREAM_ABOVE_GB`."
+    "Whether `edit` streams `video`: as asked, or (None) when it is a file whose frames would take more than `video.STREAM_ABOVE_GB`."
     is_file = isinstance(video, (str, os.PathLike))
     if stream:
         if not is_file: raise UserError("stream=True decodes a video file again at each stage: give its path, not frames")
         if out is None: raise UserError("a streamed edit keeps no frames in memory: give out= to write them to")
         return True
-    if stream is None and is_file and out is not None:
-        size = video_bytes(video, cfg.fps, cfg.max_frames)
-        return size is not None and size > STREAM_ABOVE_GB * 2**30
-    return False
+    return stream is None and is_file and out is not None and too_big_to_hold(video, cfg.fps, cfg.max_frames)
 
 def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_side=None, overwrite: bool = False,
          fps: float | None = None, timer: StageTimer | None = None, stream: bool | None = None) -> EditResult:
@@ -500,7 +496,7 @@ def edit(self: IPFaceDiffPipeline, video, cfg: EditConfig, out=None, side_by_sid
     the same `timer(stage)` interface, as `bench` uses) to time the stages with. `stream`: decode the file again
     at each stage (`VideoFrames`) instead of holding its frames, so memory holds the latents, not the video; the
     result then has no frames or crops (None) and `out` is needed. None: stream a file whose frames would take more
-    than `STREAM_ABOVE_GB` GiB. The output is the same either way."""
+    than `video.STREAM_ABOVE_GB` GiB. The output is the same either way."""
     cfg = cfg.validate()
     check_outputs(out, side_by_side, overwrite, video)
     usable_cache_dir(self.cache_dir)
@@ -578,7 +574,7 @@ def edit_video(video, prompt: str, out=None, pipeline: IPFaceDiffPipeline | None
                overwrite: bool = False, stream: bool | None = None, **settings) -> EditResult:
     """One call: edit `video` by `prompt` with `pipeline` (default: SD 2.1-base for both branches); `settings` are `EditConfig`
     fields. `video` is a path, or uint8 frames (N, H, W, 3) — then `fps=` is their rate (a file's `fps=` resamples it).
-    `stream`: as `IPFaceDiffPipeline.edit`'s (None: a file whose frames would take over `STREAM_ABOVE_GB` GiB is streamed)."""
+    `stream`: as `IPFaceDiffPipeline.edit`'s (None: a file whose frames would take over `video.STREAM_ABOVE_GB` GiB is streamed)."""
     raw = not isinstance(video, (str, os.PathLike))
     if raw and settings.get('fps') is None: raise UserError("pass the frame rate of the frames: edit_video(frames, prompt, fps=...)")
     rate = settings.pop('fps') if raw else None
@@ -765,7 +761,7 @@ def run_edit(a) -> EditResult:
           f' (frames {r.span[0]}–{r.span[1] - 1} edited: the face was not found before or after them)'))
     if a.side_by_side: print(f'wrote {a.side_by_side} (original | edited)')
     if r.frames is None: print('frames: streamed, decoded from the file again at each stage' +
-                               ('' if a.stream else f' (more than {STREAM_ABOVE_GB:g} GiB of them: too many to hold)'))
+                               ('' if a.stream else f' (more than {video_io.STREAM_ABOVE_GB:g} GiB of them: too many to hold)'))
     stored = lambda what: 'computed, not cached (see the warning)' if what in pipe.uncached else 'computed and cached'
     print('face track: ' + ('reused from the cache' if r.track_cached else stored('face track')))
     print('inversion: ' + ('reused from the cache (0 UNet calls)' if r.cache_hit else f"{stored('inversion')} ({r.unet_calls.get('inversion', 0)} UNet calls)"))
@@ -805,7 +801,7 @@ def add_cli(sub):
     p.add_argument('--dtype', help='float16, bfloat16, float32 or auto (float16 on GPU, float32 on CPU)')
     p.add_argument('--cache-dir', help='where face tracks and inversions are cached (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
     p.add_argument('--stream', action='store_true', help=f'decode the video again at each stage instead of holding its frames in memory '
-                   f'(same output; automatic when they would take over {STREAM_ABOVE_GB:g} GiB)')
+                   f'(same output; automatic when they would take over {video_io.STREAM_ABOVE_GB:g} GiB)')
     p.add_argument('--tiny', action='store_true', help='smoke run with tiny random models, offline (pixels are noise)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.set_defaults(func=run_edit)

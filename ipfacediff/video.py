@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from .utils import UserError, atomic_output
 
 # %% auto #0
-__all__ = ['DECODE_RULES', 'VideoInfo', 'display_rotation', 'upright', 'display_orientation', 'check_fps', 'resample_indices',
-           'check_max_frames', 'video_bytes', 'read_video', 'VideoFrames', 'VideoWriter', 'write_video',
-           'side_by_side_frame', 'side_by_side', 'write_side_by_side']
+__all__ = ['DECODE_RULES', 'STREAM_ABOVE_GB', 'VideoInfo', 'display_rotation', 'upright', 'display_orientation', 'check_fps',
+           'resample_indices', 'check_max_frames', 'video_bytes', 'too_big_to_hold', 'read_video', 'VideoFrames',
+           'VideoWriter', 'write_video', 'side_by_side_frame', 'side_by_side', 'write_side_by_side']
 
 # %% ../nbs/02_video.ipynb #63a21e64
 @dataclass
@@ -199,6 +199,13 @@ def video_bytes(path, fps: float | None = None, max_frames: int | None = None, s
     with container:
         _, _, est, sq_w = _plan(container, stream, None if fps is None else check_fps(fps), check_max_frames(max_frames), _check_start(start))
         return None if est is None else est * (sq_w or stream.width) * stream.height * 3
+
+STREAM_ABOVE_GB = 4.0    # `edit` and `evaluate` (stream=None) decode a file again where its frames are used, not hold them, above this
+
+def too_big_to_hold(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0) -> bool:
+    "Whether `read_video(path, fps, max_frames, start)`'s frames would take more than `STREAM_ABOVE_GB` GiB (False: the header does not say)."
+    size = video_bytes(path, fps, max_frames, start)
+    return size is not None and size > STREAM_ABOVE_GB * 2**30
 
 def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool = True, warn: bool = True, skip: int = 0):
     """One decoding pass over `path` (see `read_video`): yields each output frame as upright uint8 RGB in square pixels (as

@@ -126,12 +126,12 @@ def test_build_gallery_uses_the_cache(tmp_path, people, dlib_emb):
         g1 = M.build_gallery(g, dlib_emb, cache_dir=tmp_path / 'cache', progress=False)
     assert g1.names == ['astronaut', 'grace_hopper'] and g1.skipped == ['blank'] and g1.stats.computed == 3
     calls = []
-    orig = M.face_crops
-    M.face_crops = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = M.face_boxes                                       # the face search every embedding starts with
+    M.face_boxes = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         with pytest.warns(UserWarning):
             g2 = M.build_gallery(g, dlib_emb, cache_dir=tmp_path / 'cache', progress=False)
-    finally: M.face_crops = orig
+    finally: M.face_boxes = orig
     # every item comes from the cache, the faceless one too: its 'no face' is remembered and not searched again (bd63317)
     assert g2.stats.cached == 3 and g2.stats.computed == 0 and len(calls) == 0 and g2.skipped == ['blank']
     np.testing.assert_allclose(g1.embeddings, g2.embeddings)
@@ -398,8 +398,10 @@ def test_an_edit_at_another_size_is_scored_and_the_clip_path_is_shared(small, mo
     edit = M.degrade(of, 'color', seed=3)
     for m, e in (('scaled', np.stack([cv2.resize(f, (480, 270), interpolation=cv2.INTER_CUBIC) for f in edit])), ('same_size', edit)):
         (w / m).mkdir(); write_video(w / m / 'clip.mp4', e, 10, progress=False)
-    calls, real_fc, real_td = [], M.face_crops, losses.text_direction
-    monkeypatch.setattr(M, 'face_crops', lambda fr, *a, **k: calls.append(('crops', len(fr), k.get('reference_boxes') is None)) or real_fc(fr, *a, **k))
+    calls, real_fc, real_fb, real_td = [], M.face_crops, M.face_boxes, losses.text_direction
+    def counted(fr, reference_boxes=None, progress=False):
+        calls.append(('crops', len(fr), reference_boxes is None)); return real_fb(fr, reference_boxes, progress)
+    monkeypatch.setattr(M, 'face_boxes', counted)
     monkeypatch.setattr(losses, 'text_direction', lambda *a, **k: calls.append(('text',)) or real_td(*a, **k))
     clip = tiny_clip(0)
     with warnings.catch_warnings(record=True) as caught:
@@ -418,7 +420,7 @@ def test_an_edit_at_another_size_is_scored_and_the_clip_path_is_shared(small, mo
     assert sum(c[0] == 'crops' and c[2] for c in calls) == 1, calls            # the original (was 2: identity, then CLIP)
     assert sum(c[0] == 'crops' and not c[2] for c in calls) == 2, calls        # each edit, near the original's faces (was 4)
     # the same numbers as the old per-pair path: fresh crops and a fresh text direction for every (method, video)
-    monkeypatch.setattr(M, 'face_crops', real_fc)
+    monkeypatch.setattr(M, 'face_boxes', real_fb)
     co, do, bo = real_fc(of)
     for m in ('scaled', 'same_size'):
         ef = M.load_media(w / m / 'clip.mp4')

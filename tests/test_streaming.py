@@ -5,7 +5,7 @@ import os, resource, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest
 
-from ipfacediff import pipeline as P
+from ipfacediff import pipeline as P, video as V
 from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig
 from ipfacediff.utils import data_path, UserError
 from ipfacediff.video import read_video, write_video, VideoFrames
@@ -43,10 +43,10 @@ def test_resampled_and_cut(pipe, tmp_path):
 
 def test_automatic_above_the_threshold(pipe, tmp_path, monkeypatch):
     c = EditConfig('add glasses', **SMOKE, max_frames=4)
-    monkeypatch.setattr(P, 'STREAM_ABOVE_GB', 4 * 640 * 360 * 3 / 2**30 - 1e-9)      # just below the 4 frames' bytes
+    monkeypatch.setattr(V, 'STREAM_ABOVE_GB', 4 * 640 * 360 * 3 / 2**30 - 1e-9)      # just below the 4 frames' bytes
     assert pipe.edit(data_path('sample.mp4'), c, out=tmp_path / 'a.mp4').frames is None
     assert pipe.edit(data_path('sample.mp4'), c).frames is not None                   # nowhere to write: held
-    monkeypatch.setattr(P, 'STREAM_ABOVE_GB', 4 * 640 * 360 * 3 / 2**30 + 1e-9)
+    monkeypatch.setattr(V, 'STREAM_ABOVE_GB', 4 * 640 * 360 * 3 / 2**30 + 1e-9)
     assert pipe.edit(data_path('sample.mp4'), c, out=tmp_path / 'b.mp4').frames is not None
     assert (tmp_path / 'a.mp4').read_bytes() == (tmp_path / 'b.mp4').read_bytes()
 
@@ -59,7 +59,7 @@ def test_cli_stream_flag(tmp_path, capsys, monkeypatch):
     r2 = run_inprocess(capsys, monkeypatch, 'edit', *args, '--out', tmp_path / 'b.mp4', cache=tmp_path / 'c')
     assert r2.returncode == 0 and 'inversion: reused from the cache' in r2.stdout and 'streamed' not in r2.stdout
     assert (tmp_path / 'a.mp4').read_bytes() == (tmp_path / 'b.mp4').read_bytes()
-    monkeypatch.setattr(P, 'STREAM_ABOVE_GB', 0.001)                                  # 5 frames of 640×360: 3.3 MB
+    monkeypatch.setattr(V, 'STREAM_ABOVE_GB', 0.001)                                  # 5 frames of 640×360: 3.3 MB
     r3 = run_inprocess(capsys, monkeypatch, 'edit', *args, '--out', tmp_path / 'c.mp4', cache=tmp_path / 'c')
     assert r3.returncode == 0 and 'frames: streamed, decoded from the file again at each stage (more than 0.001 GiB of them' in r3.stdout
     assert (tmp_path / 'c.mp4').read_bytes() == (tmp_path / 'a.mp4').read_bytes()

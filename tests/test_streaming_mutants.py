@@ -99,8 +99,8 @@ def test_stream_choice_at_the_threshold(tmp_path, monkeypatch):
     does not; no out=, never streamed automatically."""
     from ipfacediff import pipeline as P
     cfg = EditConfig('x', **SMOKE, max_frames=4).validate()
-    monkeypatch.setattr(P, 'STREAM_ABOVE_GB', 4 * 640 * 360 * 3 / 2**30)          # exactly the 4 frames' bytes
+    monkeypatch.setattr(V, 'STREAM_ABOVE_GB', 4 * 640 * 360 * 3 / 2**30)          # exactly the 4 frames' bytes
     assert P._stream_choice(None, data_path('sample.mp4'), tmp_path / 'o.mp4', cfg) is False
-    monkeypatch.setattr(P, 'STREAM_ABOVE_GB', (4 * 640 * 360 * 3 - 1) / 2**30)
+    monkeypatch.setattr(V, 'STREAM_ABOVE_GB', (4 * 640 * 360 * 3 - 1) / 2**30)
     assert P._stream_choice(None, data_path('sample.mp4'), tmp_path / 'o.mp4', cfg) is True
     assert P._stream_choice(None, data_path('sample.mp4'), None, cfg) is False
