@@ -465,7 +465,10 @@ class VideoWriter:
         with self._stack as s:
             tmp = s.enter_context(atomic_output(self.path, overwrite=self.overwrite))
             mov = self.path.suffix.lower() in ('.mp4', '.m4v', '.mov')      # the index-first flag exists for QuickTime-family files only
-            self.c = s.enter_context(av.open(str(tmp), 'w', options={'movflags': '+faststart'} if mov else {}))
+            # bitexact: no random Matroska segment UID and no muxer version string, so the same frames make the same file
+            # in every container (without it two identical .mkv edits differed in 16 bytes)
+            opts = {'fflags': '+bitexact', **({'movflags': '+faststart'} if mov else {})}
+            self.c = s.enter_context(av.open(str(tmp), 'w', options=opts))
             self._stack = s.pop_all()
         return self
 

@@ -105,13 +105,13 @@ def test_face_only_in_the_middle_separate_caches(sample12, tmp_path):
     assert md5(tmp_path / 'True.mp4') == md5(tmp_path / 'False.mp4')
     assert md5(tmp_path / 'True_sbs.mp4') == md5(tmp_path / 'False_sbs.mp4')
 
-def test_mkv_output_same_frames(pipe, sample12, tmp_path):
-    "mkv bytes differ run to run (segment UID): the decoded frames must not."
+def test_mkv_output_same_file(pipe, sample12, tmp_path):
+    "An mkv edit streamed or held is the same file, byte for byte (the muxer writes no random segment UID: bitexact)."
     p = write_video(tmp_path / 'in.mp4', sample12[:6], 10, audio_from=data_path('sample.mp4'), progress=False)
     both(pipe, p, tmp_path, ext='.mkv')
     for a, b in (('s.mkv', 'm.mkv'), ('s_sbs.mkv', 'm_sbs.mkv')):
-        fa, fb = read_video(tmp_path / a, progress=False)[0], read_video(tmp_path / b, progress=False)[0]
-        assert fa.shape == fb.shape and (fa == fb).all()
+        assert md5(tmp_path / a) == md5(tmp_path / b), a
+        assert len(read_video(tmp_path / a, progress=False)[0]) == 6
 
 def test_hdr_warning_once_per_edit(pipe, sample12, tmp_path):
     p = _raw(tmp_path / 'hlg.mp4', sample12[:5], color=(9, 18, 9))
