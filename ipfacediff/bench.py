@@ -341,7 +341,7 @@ def bench(config: str = 'tiny', frames=(16,), size: int | None = None, device: s
               'compile': compile, 'unet_params': n_params(pipe.c.unet), 'flops_per_eval': flops, 'peak_tflops_measured': peak,
               'peak_tflops_nominal': nominal_peak(dev), 'commit': _git_commit(), 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
               'torch': torch.__version__, 'load_avg': os.getloadavg(), 'cpus': os.cpu_count(), 'detection_threads': cpu_workers(),
-              'floor_ratio_definition': 'seconds / (FLOPs / measured peak): 1.0 = running at the measured matmul peak',
+              'floor_ratio_definition': 'seconds / (FLOPs / measured peak): 1.0 = running at the measured matmul rate (a yardstick: kernels faster than one square matmul go below 1)',
               'compile_graphs': {'after_warmup': g0, 'during_runs': graphs() - g0} if compile else None,
               'runs': runs, 'summary': summary, 'host_syncs': syncs,
               'scaling': _scaling(runs, int(lo), int(hi), summary)}
