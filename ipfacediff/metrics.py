@@ -783,9 +783,9 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     log: list[str] = []
     def warn(msg): log.append(msg); warnings.warn(msg)
     stats = EmbedStats()
-    kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats, stream=stream)
+    kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats, stream=stream, progress=progress)  # bars within a video too
     def _we(x):                                         # a still has no consecutive pair: no warp error
-        return warp_error(x, flow, occlusion_mask, return_per_frame=True) if len(x) > 1 else (np.nan, np.zeros(0))
+        return warp_error(x, flow, occlusion_mask, return_per_frame=True, progress=progress) if len(x) > 1 else (np.nan, np.zeros(0))
     # originals: what the edits are compared with (size, warp error, CLIP features) is taken while their frames are read
     needed = {n for items in methods.values() for n in items}
     orig_seen, orig_emb, orig_hash, warp_orig, clip_orig = {}, {}, {}, {}, {}
