@@ -207,10 +207,18 @@ def too_big_to_hold(path, fps: float | None = None, max_frames: int | None = Non
     size = video_bytes(path, fps, max_frames, start)
     return size is not None and size > STREAM_ABOVE_GB * 2**30
 
-def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool = True, warn: bool = True, skip: int = 0):
+def _concealed(path, n: int):
+    warnings.warn(f"{Path(path).name} is damaged: the decoder concealed errors in {n} frame{'s' if n > 1 else ''} (they may show "
+                  "blocks or smears); it is decoded on one thread so that its frames are the same every time. Re-export or "
+                  "re-download it for a faithful result")
+
+def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool = True, warn: bool = True, skip: int = 0,
+            threads: str = 'AUTO'):
     """One decoding pass over `path` (see `read_video`): yields each output frame as upright uint8 RGB in square pixels (as
     None when not `rgb`, but the first: a counting pass; and the `skip` frames before the ones wanted). Fills `meta` with the `VideoInfo` fields (and `estimate`, the
-    expected frame count, before the first frame); `limit`: the bytes all frames may take (None: no limit)."""
+    expected frame count, before the first frame; `concealed`, the frames the decoder flagged as corrupt); `limit`: the bytes all
+    frames may take (None: no limit). `threads`: the decoder's threading, 'AUTO' (frames in parallel) or 'SLICE' — the same
+    pixels for an intact file; for a damaged one only 'SLICE' conceals the errors the same way every time."""
     container, stream = _open_video(path)
     try:
         src_fps, out_fps, est, sq_w = _plan(container, stream, fps, max_frames, start)
@@ -218,31 +226,37 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
         interp = (Interpolation.BICUBIC if scale else Interpolation.BILINEAR) | _EXACT_RGB
         if limit and est and est * (sq_w or stream.width) * stream.height * 3 > limit: raise _too_big(path, est, sq_w or stream.width, stream.height)
         meta['estimate'] = est
-        stream.thread_type = 'AUTO'
+        stream.thread_type = threads
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if start > 0: container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
-        rotation, mirrored, ended, n_decoded, n_out, first = None, False, False, 0, 0, None
+        rotation, mirrored, ended, n_decoded, n_out, first, concealed = None, False, False, 0, 0, None, 0
         prev, prev_t, k = None, None, 0          # held-back frame, its time, index of the next output time
         origin = start if fps else None          # time of output frame 0; without fps, the first frame at/after `start`
         target = lambda: origin + k / out_fps
         bar = tqdm(total=est, desc=f'reading {Path(path).name}', unit='frame', disable=not progress, leave=False)
+        first_raw = None                         # the decoder's size of the first frame
         def convert(fr):
-            nonlocal first
+            nonlocal first, first_raw
             if scale and (fr.width, fr.height) != (stream.width, stream.height):   # scaled frames would all look one size
                 raise UserError(f"{path}: the frame size changes from {stream.width}x{stream.height} to {fr.width}x{fr.height} "
                                 f"at frame {n_out}: re-encode it at one size")
             img = upright(fr.to_ndarray(format='rgb24', interpolation=interp, **_guess_matrix(fr), **scale), rotation)
             if mirrored: img = np.ascontiguousarray(img[:, ::-1])
-            if first is None: first = img.shape
+            if first is None: first, first_raw = img.shape, (fr.width, fr.height)
             elif img.shape != first:
                 raise UserError(f"{path}: the frame size changes from {first[1]}x{first[0]} to {img.shape[1]}x{img.shape[0]} "
                                 f"at frame {n_out}: re-encode it at one size")
             if limit and (n_out + 1) * img.nbytes > limit: raise _too_big(path, n_out + 1, img.shape[1], img.shape[0])
             return img
+        def emit(fr):
+            "`convert(fr)`; None for a frame not wanted in RGB, whose size is checked all the same (a counting pass refuses what a full one would)."
+            if (rgb and n_out >= skip) or first is None: return convert(fr)
+            if (fr.width, fr.height) != first_raw: convert(fr)      # raises the frame-size error
+            return None
         done = lambda: max_frames is not None and n_out >= max_frames
         try:
             for frame in container.decode(stream):
-                n_decoded += 1
+                n_decoded += 1; concealed += frame.is_corrupt
                 t = _frame_time(frame, stream)
                 t = (n_decoded - 1) / (src_fps or 25.0) if t is None else t - t0
                 if rotation is None:
@@ -255,7 +269,7 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
                     origin = t
                 # emit `prev` for every output time nearer to it than to `frame`
                 while prev is not None and not done() and target() <= (prev_t + t) / 2 + 1e-9:
-                    yield convert(prev) if (rgb and n_out >= skip) or first is None else None
+                    yield emit(prev)
                     n_out += 1; k += 1; bar.update(1)
                 prev, prev_t = frame, t
                 if done(): break
@@ -263,7 +277,7 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
             if prev is not None:  # the last frame stands for one source frame period (resampling), or its own slot
                 end = prev_t + (1.0 / (src_fps or out_fps) if fps else 0.5 / out_fps)
                 while not done() and target() < end - 1e-9:
-                    yield convert(prev) if (rgb and n_out >= skip) or first is None else None
+                    yield emit(prev)
                     n_out += 1; k += 1; bar.update(1)
         except GeneratorExit: raise                   # the reader stopped early (first: no module global to look up at exit)
         except av.error.MemoryError: raise            # memory ran out, the file is fine: the CLI says "out of memory"
@@ -281,7 +295,7 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
                             f"but only {n_decoded} could be decoded; re-export or re-download it")
         meta.update(path=str(path), fps=out_fps, n_frames=n_out, width=first[1], height=first[0], rotation=rotation or 0,
                     mirrored=mirrored, has_audio=bool(container.streams.audio), duration=n_out / out_fps,
-                    source_fps=src_fps or out_fps, start=float(origin))
+                    source_fps=src_fps or out_fps, start=float(origin), concealed=concealed)
     finally: container.close()
 
 def read_video(path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0,
@@ -291,11 +305,14 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
     than `max_gb` are refused; `VideoFrames` reads them again at each pass instead of holding them."""
     fps = None if fps is None else check_fps(fps)
     max_frames, start = check_max_frames(max_frames), _check_start(start)
-    meta, buf = {}, None
-    for img in _decode(path, fps, max_frames, start, progress, max_gb * 2**30, meta):
-        if buf is None: buf = _FrameBuffer(meta['estimate'])
-        buf.append(img)
-    del meta['estimate']
+    for threads in ('AUTO', 'SLICE'):            # damaged: read again on one thread, for the same frames every time
+        meta, buf = {}, None                     # (the first reading's frames are let go first)
+        for img in _decode(path, fps, max_frames, start, progress, max_gb * 2**30, meta, warn=threads == 'AUTO', threads=threads):
+            if buf is None: buf = _FrameBuffer(meta['estimate'])
+            buf.append(img)
+        del meta['estimate']
+        if not (n := meta.pop('concealed')) or threads == 'SLICE': break
+        _concealed(path, n)
     return buf.array(), VideoInfo(**meta)
 
 # %% ../nbs/02_video.ipynb #fe044a20
@@ -306,14 +323,18 @@ class VideoFrames:
     def __init__(self, path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0, progress: bool = False):
         self.path, self.fps = path, None if fps is None else check_fps(fps)
         self.max_frames, self.start, self.progress = check_max_frames(max_frames), _check_start(start), progress
-        self._info, self._it, self._pos, self._last = None, None, -1, None
+        self._info, self._it, self._pos, self._last, self._threads = None, None, -1, None, 'AUTO'
         _open_video(path)[0].close()          # a missing or unreadable file fails here, as in `read_video`
 
     def _pass(self, rgb: bool = True, skip: int = 0):
-        meta = {}
-        for img in _decode(self.path, self.fps, self.max_frames, self.start, self.progress, None, meta, rgb, self._info is None, skip):
+        if rgb: self.info                     # counted first: a damaged file is then read on one thread, as `read_video` reads it
+        meta, first = {}, self._info is None and self._threads == 'AUTO'
+        for img in _decode(self.path, self.fps, self.max_frames, self.start, self.progress, None, meta, rgb, first, skip, self._threads):
             yield img
         del meta['estimate']
+        if (n := meta.pop('concealed')) and self._threads == 'AUTO':
+            self._threads = 'SLICE'; _concealed(self.path, n)
+            return                            # uncounted: `info` counts again, on one thread
         info = VideoInfo(**meta)
         if self._info is not None and (info.n_frames, info.width, info.height) != (self._info.n_frames, self._info.width, self._info.height):
             raise UserError(f"{self.path} changed while it was being read ({self._info.n_frames} frames, now {info.n_frames}): "
@@ -322,8 +343,8 @@ class VideoFrames:
 
     @property
     def info(self) -> VideoInfo:
-        if self._info is None:
-            for _ in self._pass(rgb=False): pass          # a counting pass
+        while self._info is None:
+            for _ in self._pass(rgb=False): pass          # a counting pass (two for a damaged file: see `_pass`)
         return self._info
 
     def __len__(self) -> int: return self.info.n_frames

@@ -197,3 +197,9 @@ def test_frame_size_change_is_a_user_error(tmp_path):
     (tmp_path / 'sizes.h264').write_bytes(b''.join(parts))
     with pytest.raises(UserError, match='frame size changes from 48x32 to 96x64 at frame 3'):
         read_video(tmp_path / 'sizes.h264', progress=False)
+    # a VideoFrames' counting pass converts only the first frame: it must refuse the file all the same, with the same words
+    from ipfacediff.video import VideoFrames
+    with pytest.raises(UserError, match=f'^{tmp_path / "sizes.h264"}: the frame size changes from 48x32 to 96x64 at frame 3'):
+        len(VideoFrames(tmp_path / 'sizes.h264'))
+    with pytest.raises(UserError, match='frame size changes from 48x32 to 96x64 at frame 3'):
+        next(iter(VideoFrames(tmp_path / 'sizes.h264')[4:5]))          # frames skipped before a span: checked too
