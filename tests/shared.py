@@ -40,3 +40,16 @@ def stream_and_hold(pipe, video, folder, sbs=True, ext='.mp4', **cfg):
     rs = pipe.edit(video, c, out=folder / f's{ext}', side_by_side=folder / f's_sbs{ext}' if sbs else None, stream=True)
     rm = pipe.edit(video, c, out=folder / f'm{ext}', side_by_side=folder / f'm_sbs{ext}' if sbs else None, stream=False)
     return rs, rm
+
+def evaluate_report(folder) -> dict:
+    "An `evaluate` report folder's files but the timings and the plots (matplotlib's pixels), by name: equal for equal evaluations."
+    import json
+    from pathlib import Path
+    out = {}
+    for p in sorted(Path(folder).rglob('*')):
+        if p.is_dir() or p.suffix == '.png': continue
+        t = p.read_text()
+        if p.name == 'metrics.json':
+            d = json.loads(t); d.pop('timing'); t = json.dumps(d, sort_keys=True)
+        out[str(p.relative_to(folder))] = t
+    return out

@@ -9,6 +9,7 @@ from ipfacediff.utils import data_path
 from ipfacediff.video import read_video, write_video, VideoFrames
 
 from cli_helpers import run_inprocess
+from shared import evaluate_report
 
 PROMPTS = dict(prompt='a smiling face', source_prompt='a face')
 
@@ -48,17 +49,6 @@ def _run(work, out, monkeypatch, **kw):
     return res, kinds
 
 
-def _report(folder: Path) -> dict:
-    "Every file of a report but the timings and the plots (pixels of matplotlib's drawing), by name."
-    out = {}
-    for p in sorted(folder.rglob('*')):
-        if p.is_dir() or p.suffix == '.png': continue
-        t = p.read_text()
-        if p.name == 'metrics.json':
-            d = json.loads(t); d.pop('timing'); t = json.dumps(d, sort_keys=True)
-        out[str(p.relative_to(folder))] = t
-    return out
-
 
 def test_a_streamed_evaluation_writes_the_held_ones_report(work, clip, monkeypatch):
     "Identity, ranking, warp error, TL/TG-ID and the CLIP direction: the same numbers when every video is decoded where used."
@@ -70,7 +60,7 @@ def test_a_streamed_evaluation_writes_the_held_ones_report(work, clip, monkeypat
     v = res_s['methods']['big']['videos']['clip']
     assert v['n_frames_edited'] == 7 and v['size_edited'] == [270, 480] and v['face_found'] and v['clip_direction'] is not None
     assert res_s['methods']['colour']['videos']['clip']['warp_error'] > 0 and res_s['gallery_size'] == 2
-    held, streamed = _report(work / 'held'), _report(work / 'streamed')
+    held, streamed = evaluate_report(work / 'held'), evaluate_report(work / 'streamed')
     assert 'per_video/big/clip.csv' in held and held.keys() == streamed.keys()
     for k in held: assert streamed[k] == held[k], k
 

@@ -9,6 +9,8 @@ from ipfacediff import metrics as M
 from ipfacediff.utils import data_path, UserError
 from ipfacediff.video import read_video, write_video, VideoFrames
 
+from shared import evaluate_report
+
 
 @pytest.fixture(scope='module')
 def clip20():
@@ -16,23 +18,13 @@ def clip20():
     return np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in fr])
 
 
-def _report(folder: Path) -> dict:
-    out = {}
-    for p in sorted(folder.rglob('*')):
-        if p.is_dir() or p.suffix == '.png': continue
-        t = p.read_text()
-        if p.name == 'metrics.json':
-            d = json.loads(t); d.pop('timing'); t = json.dumps(d, sort_keys=True)
-        out[str(p.relative_to(folder))] = t
-    return out
-
 
 def _both(orig, edited, tmp, **kw):
     "Held then streamed: each one's report (or its UserError's message) and whether --out was written."
     res = {}
     for stream in (False, True):
         out = tmp / f'out_{stream}'
-        try: M.evaluate(orig, edited, out, progress=False, stream=stream, **kw); res[stream] = _report(out)
+        try: M.evaluate(orig, edited, out, progress=False, stream=stream, **kw); res[stream] = evaluate_report(out)
         except UserError as e: res[stream] = ('UserError', str(e), out.exists())
     return res[False], res[True]
 
