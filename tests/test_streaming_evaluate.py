@@ -1,5 +1,5 @@
 "`ipfacediff evaluate` without holding videos: one video's frames in memory at a time, and none with `stream` — the same report."
-import json, os, weakref
+import os, weakref
 from pathlib import Path
 import numpy as np, pytest, cv2
 
