@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, cv2
 from scipy.ndimage import gaussian_filter1d
 from tqdm.auto import tqdm
-from .utils import UserError, cpu_workers
+from .utils import UserError, cpu_workers, ordered_map
 
 # %% auto #0
 __all__ = ['MAX_GAP', 'MASK_REGIONS', 'dlib_model_path', 'tracker_id', 'detect_faces', 'face_landmarks', 'ffhq_quad',
@@ -204,14 +204,6 @@ def _fill_gaps(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     out = np.stack([np.interp(t, idx, flat[idx, j]) for j in range(flat.shape[1])], 1)
     return out.reshape(values.shape)
 
-def _ordered_map(ex, fn, items, window: int):
-    "`ex.map(fn, items)` holding at most `window` items in flight: `items` is read as results are taken (a lazily decoded video stays lazy)."
-    pending = collections.deque()
-    for x in items:
-        pending.append(ex.submit(fn, x))
-        if len(pending) >= window: yield pending.popleft().result()
-    while pending: yield pending.popleft().result()
-
 def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | None = None, progress: bool = True) -> list[np.ndarray]:
     """`detect_faces` on every frame, on `workers` threads (default: all CPUs); the boxes per frame, in order. Frames are
     searched reduced to `max_side`, and all again at full size when none shows a face (faces too small for the reduced copies).
@@ -225,7 +217,7 @@ def detect_all(frames, max_side: int = 1024, upsample: int = 0, workers: int | N
                 f = np.asarray(f); full = max(full, *f.shape[:2]); yield f
         det, n = functools.partial(detect_faces, max_side=side, upsample=upsample), cpu_workers(workers)
         with ThreadPoolExecutor(n) as ex:
-            return list(tqdm(_ordered_map(ex, det, seen(), 2 * n), total=len(frames), desc='detecting the face',
+            return list(tqdm(ordered_map(ex, det, seen(), 2 * n), total=len(frames), desc='detecting the face',
                              unit='frame', disable=not progress, leave=False))
     found = run(max_side)
     return run(full) if full > max_side and not any(len(f) for f in found) else found

@@ -4,14 +4,15 @@
 
 # %% ../nbs/10_metrics.ipynb #4e729b44
 from __future__ import annotations
-import contextlib, csv, functools, hashlib, importlib.util, io, itertools, json, math, os, re, shutil, tempfile, time, warnings, weakref
+import contextlib, csv, functools, hashlib, importlib.util, io, itertools, json, math, os, re, shutil, tempfile, threading, time, warnings, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, cv2, torch
+from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
 from .utils import (UserError, IMAGE_EXTS, atomic_dir, atomic_output, usable_cache_dir, check_report_folder, rgb_image,
-                              weights_fingerprint, writing, save_figure)
+                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map)
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes', 'face_crops', 'cosine_distance',
@@ -198,9 +199,12 @@ def _gray(img) -> np.ndarray:
     if a.dtype != np.uint8: a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
     return a if a.ndim == 2 else cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)
 
-@functools.lru_cache(maxsize=None)
+_DIS = threading.local()      # one DIS object per thread: `calc` on one object from two threads at once crashes OpenCV
+
 def _dis(preset: int = cv2.DISOPTICAL_FLOW_PRESET_MEDIUM):
-    return cv2.DISOpticalFlow_create(preset)
+    made = _DIS.__dict__.setdefault('by_preset', {})
+    if preset not in made: made[preset] = cv2.DISOpticalFlow_create(preset)
+    return made[preset]
 
 def _raft_weights_file():
     "torchvision's Raft_Large_Weights.DEFAULT file in torch's hub cache (path, present?)."
@@ -273,34 +277,41 @@ def _as_float_frames(frames):
     if len(f.shape) != 4 or f.shape[-1] != 3: raise UserError(f"expected frames (N, H, W, 3), got shape {f.shape}")
     return f
 
+def _pair_error(pair, flow: str, occlusion_mask: bool, scale: float) -> float:
+    "Eq. 7's term for one pair: mean |W(I_t, o_t) − I_{t+1}| (masked), from (I_t, its flow frame, I_{t+1}, its flow frame)."
+    prev, prev_ff, cur, cur_ff = pair
+    bw = compute_flow(cur_ff, prev_ff, flow)
+    diff = np.abs(warp(prev, bw) - np.asarray(cur).astype(np.float32) / scale)
+    if not occlusion_mask: return diff.mean()
+    m = fb_consistency_mask(bw, compute_flow(prev_ff, cur_ff, flow))
+    return diff[m].mean() if m.any() else np.nan
+
 def warp_error(frames, flow: str = 'dis', occlusion_mask: bool = False, flow_frames=None,
-               return_per_frame: bool = False, progress: bool = False):
+               return_per_frame: bool = False, progress: bool = False, workers: int | None = None):
     """Eq. 7: mean over consecutive pairs of mean_{p,c} |W(I_t, o_t)(p) − I_{t+1}(p)|, pixels in [0, 1].
 
     `o_t = compute_flow(I_{t+1}, I_t, flow)` (the flow from t+1 to t, for the backward warp). With
     `flow_frames` (e.g. the original video) the flow is computed on those frames instead and applied
     to `frames`. With `occlusion_mask`, pixels failing the forward–backward check are left out.
     The mean is over the T−1 pairs of a T-frame video; `return_per_frame` also returns the T−1 values.
-    `frames` (and `flow_frames`) may be a `VideoFrames`: one pass through it, two frames in memory."""
+    `frames` (and `flow_frames`) may be a `VideoFrames`: one pass through it. Pairs are scored on `workers` threads
+    (default: all CPUs; RAFT: one), a few pairs in flight; the numbers do not depend on it."""
     f = _as_float_frames(frames)
     if len(f) < 2: raise UserError(f"the warp error needs at least 2 frames, got {len(f)}")
     ff = None if flow_frames is None else _as_float_frames(flow_frames)
     if ff is not None and tuple(ff.shape[:3]) != tuple(f.shape[:3]):
         raise UserError(f"flow_frames {tuple(ff.shape[:3])} and frames {tuple(f.shape[:3])} differ in length or size")
-    pairs = ((x, x) for x in f) if ff is None else zip(f, ff)           # (I_t, the frame its flow is computed on)
-    prev, prev_ff = next(pairs)
-    scale = 255.0 if np.asarray(prev).dtype == np.uint8 else 1.0
-    errs = np.empty(len(f) - 1)
-    for t in tqdm(range(len(f) - 1), desc='warp error', disable=not progress, leave=False):
-        cur, cur_ff = next(pairs)
-        bw = compute_flow(cur_ff, prev_ff, flow)
-        w = warp(prev, bw)
-        diff = np.abs(w - np.asarray(cur).astype(np.float32) / scale)
-        if occlusion_mask:
-            m = fb_consistency_mask(bw, compute_flow(prev_ff, cur_ff, flow))
-            errs[t] = diff[m].mean() if m.any() else np.nan
-        else: errs[t] = diff.mean()
-        prev, prev_ff = cur, cur_ff
+    frames_ff = ((x, x) for x in f) if ff is None else zip(f, ff)       # (I_t, the frame its flow is computed on)
+    first = next(frames_ff)
+    scale = 255.0 if np.asarray(first[0]).dtype == np.uint8 else 1.0
+    def pairs():
+        prev = first
+        for cur in frames_ff: yield (*prev, *cur); prev = cur
+    n = 1 if flow == 'raft' else cpu_workers(workers)            # one RAFT network, not one per thread
+    score = functools.partial(_pair_error, flow=flow, occlusion_mask=occlusion_mask, scale=scale)
+    with ThreadPoolExecutor(n) as ex:
+        errs = np.array(list(tqdm(ordered_map(ex, score, pairs(), 2 * n), total=len(f) - 1, desc='warp error',
+                                  disable=not progress, leave=False)), np.float64)
     e = float(np.nanmean(errs)) if np.isfinite(errs).any() else float('nan')
     return (e, errs) if return_per_frame else e
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_utils.ipynb #99ea2755
 from __future__ import annotations
-import contextlib, copy, errno, functools, hashlib, importlib.util, os, re, shutil, tempfile, random
+import collections, contextlib, copy, errno, functools, hashlib, importlib.util, os, re, shutil, tempfile, random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, torch
@@ -12,7 +12,7 @@ import numpy as np, torch
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'writing',
            'file_size_limit', 'save_figure', 'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed',
-           'cpu_workers', 'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
+           'cpu_workers', 'ordered_map', 'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
            'weights_fingerprint', 'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
@@ -181,6 +181,14 @@ def cpu_workers(workers: int | None = None) -> int:
         return int(workers)
     try: return max(1, len(os.sched_getaffinity(0)))
     except AttributeError: return max(1, os.cpu_count() or 1)
+
+def ordered_map(ex, fn, items, window: int):
+    "`ex.map(fn, items)` holding at most `window` items in flight: `items` is read as results are taken (a lazily decoded video stays lazy)."
+    pending = collections.deque()
+    for x in items:
+        pending.append(ex.submit(fn, x))
+        if len(pending) >= window: yield pending.popleft().result()
+    while pending: yield pending.popleft().result()
 
 # %% ../nbs/00a_utils.ipynb #006cf707
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')   # what Pillow reads, here and in `evaluate`

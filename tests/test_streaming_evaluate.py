@@ -127,3 +127,14 @@ def test_the_command_line_streams_on_request(work, clip, capsys, monkeypatch):
     with pytest.raises(SystemExit): main(['evaluate', '--help'])
     h = ' '.join(capsys.readouterr().out.split())
     assert '--stream' in h and f'{V.STREAM_ABOVE_GB:g} GiB' in h
+
+
+def test_warp_error_on_threads_is_the_one_thread_number(work):
+    """Pairs scored on 4 threads give the 1-thread numbers, for each flow. Each thread has its own DIS object: `calc` on one
+    shared object from two threads at once crashed the process (a segmentation fault, within a few hundred pairs)."""
+    f = read_video(work / 'orig' / 'clip.mp4', progress=False)[0]
+    f = np.concatenate([f, f[::-1]] * 15)                                 # 240 frames of 320×180
+    for flow in ('dis', 'dis-fast', 'farneback'):
+        one = M.warp_error(f if flow != 'farneback' else f[:40], flow, return_per_frame=True, workers=1)[1]
+        four = M.warp_error(f if flow != 'farneback' else f[:40], flow, return_per_frame=True, workers=4)[1]
+        np.testing.assert_array_equal(four, one)

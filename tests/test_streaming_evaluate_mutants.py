@@ -184,13 +184,16 @@ class _Watched(VideoFrames):
 
 
 def test_warp_error_and_crops_hold_two_frames_of_a_video_frames(work):
-    """Kills `_lazy` saying no (`np.asarray` turns a `VideoFrames` into an array: all 8 frames held): `warp_error` and
-    `crop_batches` keep at most the previous frame(s) while the next is decoded, and give what the held frames give."""
+    """Kills `_lazy` saying no (`np.asarray` turns a `VideoFrames` into an array: all 8 frames held): `warp_error` keeps
+    the frames of the pairs in flight (2 per worker, and the one before them) while the next is decoded, `crop_batches`
+    at most the previous frame(s); both give what the held frames give."""
     path = work / 'orig' / 'a.mp4'
     held = read_video(path, progress=False)[0]
+    for workers in (1, 2):
+        v = _Watched(path)
+        assert M.warp_error(v, 'dis-fast', workers=workers) == M.warp_error(held, 'dis-fast')
+        assert v.most <= 2 * workers + 1, (workers, v.most)
     v = _Watched(path)
-    assert M.warp_error(v, 'dis-fast') == M.warp_error(held, 'dis-fast')
-    assert v.most <= 2, v.most
     det, boxes = M.face_boxes(held)
     crops = np.concatenate(list(M.crop_batches(v, boxes, size=64, batch_size=3)))
     assert v.most <= 2, v.most
