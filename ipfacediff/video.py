@@ -167,9 +167,10 @@ def _too_big(path, n: int, w: int, h: int) -> UserError:
 
 _HDR_TRC = (16, 18)     # SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG) transfer characteristics
 
-DECODE_RULES = 4        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
+DECODE_RULES = 5        # bump when `read_video` returns other pixels for the same file (caches keyed by a file's bytes use it;
                         # 2: untagged HD decoded as BT.709, non-square pixels scaled to square; 3: mirrored display matrices;
-                        # 4: exact rounding in YUV → RGB, and `utils.rgb_image` follows EXIF orientation)
+                        # 4: exact rounding in YUV → RGB, and `utils.rgb_image` follows EXIF orientation; 5: a file whose
+                        # decoder conceals errors is read on one thread)
 _EXACT_RGB = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT    # swscale flags: rounded, not truncated; full chroma
 
 def _guess_matrix(fr) -> dict:
@@ -217,8 +218,8 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
     """One decoding pass over `path` (see `read_video`): yields each output frame as upright uint8 RGB in square pixels (as
     None when not `rgb`, but the first: a counting pass; and the `skip` frames before the ones wanted). Fills `meta` with the `VideoInfo` fields (and `estimate`, the
     expected frame count, before the first frame; `concealed`, the frames the decoder flagged as corrupt); `limit`: the bytes all
-    frames may take (None: no limit). `threads`: the decoder's threading, 'AUTO' (frames in parallel) or 'SLICE' — the same
-    pixels for an intact file; for a damaged one only 'SLICE' conceals the errors the same way every time."""
+    frames may take (None: no limit). `threads`: 'AUTO' (FFmpeg's threads, frames in parallel) or 'ONE' (a single thread) —
+    the same pixels for an intact file; a damaged one is concealed the same way every time, on every machine, only by 'ONE'."""
     container, stream = _open_video(path)
     try:
         src_fps, out_fps, est, sq_w = _plan(container, stream, fps, max_frames, start)
@@ -226,7 +227,8 @@ def _decode(path, fps, max_frames, start, progress, limit, meta: dict, rgb: bool
         interp = (Interpolation.BICUBIC if scale else Interpolation.BILINEAR) | _EXACT_RGB
         if limit and est and est * (sq_w or stream.width) * stream.height * 3 > limit: raise _too_big(path, est, sq_w or stream.width, stream.height)
         meta['estimate'] = est
-        stream.thread_type = threads
+        if threads == 'ONE': stream.codec_context.thread_count = 1   # no threads at all: slice threads conceal otherwise too
+        else: stream.thread_type = 'AUTO'
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if start > 0: container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
         rotation, mirrored, ended, n_decoded, n_out, first, concealed = None, False, False, 0, 0, None, 0
@@ -305,14 +307,15 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None, st
     than `max_gb` are refused; `VideoFrames` reads them again at each pass instead of holding them."""
     fps = None if fps is None else check_fps(fps)
     max_frames, start = check_max_frames(max_frames), _check_start(start)
-    for threads in ('AUTO', 'SLICE'):            # damaged: read again on one thread, for the same frames every time
+    for threads in ('AUTO', 'ONE'):              # damaged: read again on one thread, for the same frames every time
         meta, buf = {}, None                     # (the first reading's frames are let go first)
         for img in _decode(path, fps, max_frames, start, progress, max_gb * 2**30, meta, warn=threads == 'AUTO', threads=threads):
             if buf is None: buf = _FrameBuffer(meta['estimate'])
             buf.append(img)
         del meta['estimate']
-        if not (n := meta.pop('concealed')) or threads == 'SLICE': break
-        _concealed(path, n)
+        if threads == 'ONE': _concealed(path, n); break      # said once the reading that counts has worked
+        if not (n := meta.pop('concealed')): break
+    meta.pop('concealed', None)
     return buf.array(), VideoInfo(**meta)
 
 # %% ../nbs/02_video.ipynb #fe044a20
@@ -323,7 +326,7 @@ class VideoFrames:
     def __init__(self, path, fps: float | None = None, max_frames: int | None = None, start: float = 0.0, progress: bool = False):
         self.path, self.fps = path, None if fps is None else check_fps(fps)
         self.max_frames, self.start, self.progress = check_max_frames(max_frames), _check_start(start), progress
-        self._info, self._it, self._pos, self._last, self._threads = None, None, -1, None, 'AUTO'
+        self._info, self._it, self._pos, self._last, self._threads, self._concealed = None, None, -1, None, 'AUTO', 0
         _open_video(path)[0].close()          # a missing or unreadable file fails here, as in `read_video`
 
     def _pass(self, rgb: bool = True, skip: int = 0):
@@ -333,9 +336,10 @@ class VideoFrames:
             yield img
         del meta['estimate']
         if (n := meta.pop('concealed')) and self._threads == 'AUTO':
-            self._threads = 'SLICE'; _concealed(self.path, n)
+            self._threads, self._concealed = 'ONE', n
             return                            # uncounted: `info` counts again, on one thread
         info = VideoInfo(**meta)
+        if self._concealed: _concealed(self.path, self._concealed); self._concealed = 0   # once that counting has worked
         if self._info is not None and (info.n_frames, info.width, info.height) != (self._info.n_frames, self._info.width, self._info.height):
             raise UserError(f"{self.path} changed while it was being read ({self._info.n_frames} frames, now {info.n_frames}): "
                             "leave the input alone until the edit is done")
