@@ -400,7 +400,7 @@ def add_cli(sub):
     p.add_argument('--grid-frames', type=int, default=6, help='columns of the frame grid')
     p.add_argument('--device', help='cuda, cpu or auto (default auto)')
     p.add_argument('--dtype', help='float16, bfloat16, float32 or auto (default auto: float16 on GPU, float32 on CPU)')
-    p.add_argument('--cache-dir', help='face-track, inversion and embedding cache (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
+    p.add_argument('--cache-dir', help='face-track, inversion, embedding and warp-error cache (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
     p.add_argument('--overwrite', action='store_true', help='replace an earlier study in --out')
     p.add_argument('--quiet', action='store_true', help='no progress output')
     p.set_defaults(func=run_cli)

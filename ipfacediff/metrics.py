@@ -20,8 +20,8 @@ __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes
            'retrieval_metrics', 'raft_available', 'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id',
            'tg_id', 'clip_image_features', 'clip_direction', 'clip_direction_score', 'StageTimer', 'list_media',
            'load_media', 'media_frames', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
-           'embedder_fingerprint', 'EmbedStats', 'embed_media', 'Gallery', 'build_gallery', 'degrade', 'evaluate',
-           'check_folder', 'add_cli']
+           'embedder_fingerprint', 'EmbedStats', 'embed_media', 'flow_fingerprint', 'media_warp_error', 'Gallery',
+           'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -286,6 +286,11 @@ def _pair_error(pair, flow: str, occlusion_mask: bool, scale: float) -> float:
     m = fb_consistency_mask(bw, compute_flow(prev_ff, cur_ff, flow))
     return diff[m].mean() if m.any() else np.nan
 
+def _warp_mean(errs) -> float:
+    "The mean over the pairs that have a value (NaN: every pixel of a pair masked out); NaN if none has."
+    errs = np.asarray(errs, np.float64)
+    return float(np.nanmean(errs)) if np.isfinite(errs).any() else float('nan')
+
 def warp_error(frames, flow: str = 'dis', occlusion_mask: bool = False, flow_frames=None,
                return_per_frame: bool = False, progress: bool = False, workers: int | None = None):
     """Eq. 7: mean over consecutive pairs of mean_{p,c} |W(I_t, o_t)(p) − I_{t+1}(p)|, pixels in [0, 1].
@@ -312,7 +317,7 @@ def warp_error(frames, flow: str = 'dis', occlusion_mask: bool = False, flow_fra
     with ThreadPoolExecutor(n) as ex:
         errs = np.array(list(tqdm(ordered_map(ex, score, pairs(), 2 * n), total=len(f) - 1, desc='warp error',
                                   disable=not progress, leave=False)), np.float64)
-    e = float(np.nanmean(errs)) if np.isfinite(errs).any() else float('nan')
+    e = _warp_mean(errs)
     return (e, errs) if return_per_frame else e
 
 # %% ../nbs/10_metrics.ipynb #2bf44236
@@ -563,7 +568,7 @@ def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
 
 @dataclass
 class EmbedStats:
-    "How many (item, recognizer) embeddings were computed and how many came from the cache."
+    "How many cachable results — (item, recognizer) embeddings, or warp errors — were computed and how many came from the cache."
     computed: int = 0
     cached: int = 0
 
@@ -611,6 +616,48 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
             out[k] = fe
             if k in keys: save(k, fe)
     return {k: out[k] for k in embedders}
+
+# %% ../nbs/10_metrics.ipynb #af48d94e
+_WARP_CACHE_VERSION = 1
+
+def flow_fingerprint(flow: str) -> str:
+    "What stands for an optical flow method in a cache key: the method and OpenCV's version; RAFT: torchvision's version and its weights file."
+    if flow not in FLOW_METHODS: raise UserError(f"unknown optical flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")
+    if flow != 'raft': return f'{flow}:opencv {cv2.__version__}'
+    import torchvision
+    p, ok = _raft_weights_file()
+    return f'raft:torchvision {torchvision.__version__}:{p.name}:{p.stat().st_size if ok else None}'
+
+def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None,
+                     max_frames: int | None = None, cache_dir=None, digest: str | None = None, stats: EmbedStats | None = None,
+                     progress: bool = False) -> tuple[float, np.ndarray]:
+    """Eq. 7 of the video `path` read with `fps`, `max_frames`: (mean, per-pair errors `(T−1,)`); NaN and no pairs for one frame.
+    `frames`: its frames if already read (else read when needed); with `cache_dir`, read from / written to the cache (see above)."""
+    key = None
+    if cache_dir is not None:
+        from ipfacediff.video import DECODE_RULES          # the same file decoded by other rules gives other frames
+        blob = json.dumps({'v': _WARP_CACHE_VERSION, 'content': digest or content_hash(path), 'flow': flow_fingerprint(flow),
+                           'occlusion_mask': bool(occlusion_mask), 'fps': None if fps is None else float(fps),
+                           'max_frames': max_frames, 'decode': DECODE_RULES}, sort_keys=True)
+        key = usable_cache_dir(cache_dir) / f'warp-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.npz'
+        if key.exists():
+            try:
+                with np.load(key) as z: errs = np.asarray(z['errors'], np.float64)
+            except Exception: errs = None                   # unreadable: computed again
+            if errs is not None and errs.ndim == 1 and (frames is None or len(errs) == max(len(frames) - 1, 0)):
+                if stats is not None: stats.cached += 1
+                return _warp_mean(errs), errs
+    if stats is not None: stats.computed += 1
+    if frames is None: frames = media_frames(path, fps, max_frames)[0]
+    if len(frames) < 2: errs = np.zeros(0)                 # a still has no consecutive pair: no warp error
+    else: errs = warp_error(frames, flow, occlusion_mask, return_per_frame=True, progress=progress)[1]
+    if key is not None:                                     # a cache only saves time: a failed write is a warning
+        try:
+            with atomic_output(key, overwrite=True) as tmp, writing(key, rename=True): np.savez(tmp, errors=errs)
+        except OSError as e:
+            warnings.warn(f"could not write the warp error cache file {key} ({e.strerror or e}): the evaluation goes on; "
+                          "the next one computes it again")
+    return _warp_mean(errs), errs
 
 # %% ../nbs/10_metrics.ipynb #f75f6b99
 @dataclass
@@ -793,10 +840,10 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         with timer('clip direction'), torch.no_grad(): clip_dir = text_direction(clip, prompt, source_prompt)[0]
     log: list[str] = []
     def warn(msg): log.append(msg); warnings.warn(msg)
-    stats = EmbedStats()
+    stats, wstats = EmbedStats(), EmbedStats()
     kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats, stream=stream, progress=progress)  # bars within a video too
-    def _we(x):                                         # a still has no consecutive pair: no warp error
-        return warp_error(x, flow, occlusion_mask, return_per_frame=True, progress=progress) if len(x) > 1 else (np.nan, np.zeros(0))
+    def _we(p, x, digest):                              # a still has no consecutive pair: no warp error
+        return media_warp_error(p, x, flow, occlusion_mask, fps, max_frames, cache_dir, digest, wstats, progress)
     # originals: what the edits are compared with (size, warp error, CLIP features) is taken while their frames are read
     needed = {n for items in methods.values() for n in items}
     orig_seen, orig_emb, orig_hash, warp_orig, clip_orig = {}, {}, {}, {}, {}
@@ -812,7 +859,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                 if n in needed: raise
                 warn(f"original {n} (no edit of it given): {'no face found' if 'no face' in str(e) else e}, left out of the gallery"); continue
         if fr is None: continue
-        with timer('warp error'): warp_orig[n] = _we(fr)
+        with timer('warp error'): warp_orig[n] = _we(p, fr, orig_hash[n])
         if clip is not None:                    # f_I of the original's faces, where the identity metrics found them
             with timer('clip direction'):
                 clip_orig[n] = torch.cat([clip_image_features(c, clip) for c in crop_batches(fr, orig_emb[n][recs[0]].boxes)])
@@ -850,7 +897,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             o_emb = orig_emb[n]
             to_edit = lambda b: _scale_boxes(b, of['size'], ef.shape[1:3])     # the original's boxes on the edit's frames
             with timer('faces + embeddings'):
-                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=to_edit(o_emb[recs[0]].boxes), **kw)
+                h = content_hash(p) if cache_dir is not None else None      # the key of both its caches
+                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=to_edit(o_emb[recs[0]].boxes), digest=h, **kw)
                 except UserError as e:                 # the edit destroyed the face: scored as a failed edit, not a crash
                     if 'no face' not in str(e): raise
                     e_emb = {r: FaceEmbeddings(np.full((len(ef), o_emb[r].frames.shape[1]), np.nan), np.zeros(len(ef), bool),
@@ -881,7 +929,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                                     'mean_frame_cosine_distance': _nanmean(fd),
                                     'query': e_emb[r].embedding if face else None}
             per_frame[(m, n)] = pf
-            with timer('warp error'): we, wpf = _we(ef)
+            with timer('warp error'): we, wpf = _we(p, ef, h)
             wo, wopf = warp_orig[n]
             v['warp_error'], v['warp_error_original'] = we, wo
             r0 = recs[0]
@@ -933,6 +981,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                              'clip_direction': None if clip is None else _nanmean([videos[n]['clip_direction'] for n in names]),
                              'videos': videos}
     res['embeddings'] = {'computed': stats.computed, 'cached': stats.cached}
+    res['warp_errors'] = {'computed': wstats.computed, 'cached': wstats.cached}
     res['timing'] = timer.as_dict()
     t1, t3 = _tables(res)
     def clean(x):
@@ -978,7 +1027,7 @@ def add_cli(subparsers):
     p.add_argument('--max-frames', type=int, default=None)
     p.add_argument('--clip', default=None, help='CLIP (hub id or folder) for the direction score; needs --prompt and --source-prompt')
     p.add_argument('--prompt', default=None); p.add_argument('--source-prompt', default=None)
-    p.add_argument('--cache-dir', default=None, help='cache face embeddings here (keyed by file content, recognizer, settings)')
+    p.add_argument('--cache-dir', default=None, help='cache face embeddings and warp errors here (keyed by file content, recognizer or flow, settings)')
     p.add_argument('--batch-size', type=int, default=16)
     from ipfacediff.video import STREAM_ABOVE_GB
     p.add_argument('--stream', action='store_true', help='decode each video again where its frames are used instead of holding them '
@@ -995,6 +1044,10 @@ def add_cli(subparsers):
                        prompt=a.prompt, source_prompt=a.source_prompt, cache_dir=a.cache_dir, batch_size=a.batch_size,
                        overwrite=a.overwrite, progress=not a.quiet, stream=a.stream or None)
         print((Path(a.out) / 'table1.md').read_text()); print((Path(a.out) / 'table3.md').read_text())
+        if a.cache_dir is not None:
+            e, w = res['embeddings'], res['warp_errors']
+            print(f"cache {a.cache_dir}: face embeddings {e['cached']} read, {e['computed']} computed; "
+                  f"warp errors {w['cached']} read, {w['computed']} computed")
         print(f'wrote {a.out}')
     p.set_defaults(func=run)
     return p

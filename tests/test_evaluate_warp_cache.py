@@ -1,0 +1,95 @@
+"`evaluate(cache_dir=...)` keeps the warp errors too: a second evaluation computes no optical flow and reports the same numbers."
+import json, os
+from pathlib import Path
+import cv2, numpy as np, pytest
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+from ipfacediff import metrics as M
+from ipfacediff.cli import main
+from ipfacediff.utils import data_path
+from ipfacediff.video import read_video, write_video
+
+from shared import evaluate_report
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    "orig/clip.mp4 (16 frames, 320×180), a still distractor, and one method's edit of the clip."
+    root = tmp_path_factory.mktemp('warpcache')
+    fr = read_video(data_path('sample.mp4'), max_frames=16, progress=False)[0]
+    fr = np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in fr])
+    for d in ('orig', 'ed'): (root / d).mkdir()
+    write_video(root / 'orig' / 'clip.mp4', fr, 10, progress=False)
+    cv2.imwrite(str(root / 'orig' / 'still.png'), cv2.cvtColor(fr[3], cv2.COLOR_RGB2BGR))
+    write_video(root / 'ed' / 'clip.mp4', M.degrade(fr, 'color', seed=1), 10, progress=False)
+    return root, fr
+
+
+@pytest.fixture
+def flows(monkeypatch):
+    "Counts optical flows computed (each pair of the warp error asks for one)."
+    calls, real = [], M.compute_flow
+    monkeypatch.setattr(M, 'compute_flow', lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _strip(report):
+    "The report without the cache counters (which say how each number was obtained, not what it is)."
+    d = json.loads(report['metrics.json']); d.pop('embeddings'); d.pop('warp_errors')
+    return {**report, 'metrics.json': json.dumps(d, sort_keys=True)}
+
+
+def test_second_evaluation_reads_the_warp_errors(folders, tmp_path, flows):
+    root, fr = folders
+    run = lambda out, **kw: M.evaluate(root / 'orig', root / 'ed', tmp_path / out, cache_dir=tmp_path / 'cache', progress=False, **kw)
+    r1 = run('r1')
+    assert r1['warp_errors'] == {'computed': 2, 'cached': 0} and len(flows) == 2 * 15     # the original and the edit; the still has no pair
+    r2 = run('r2')
+    assert r2['warp_errors'] == {'computed': 0, 'cached': 2} and len(flows) == 30
+    assert r2['embeddings'] == {'computed': 0, 'cached': 3}
+    assert _strip(evaluate_report(tmp_path / 'r2')) == _strip(evaluate_report(tmp_path / 'r1'))
+    # the per-frame CSVs hold the per-pair errors, read back as they were written
+    assert (tmp_path / 'r2' / 'per_video' / 'ed' / 'clip.csv').read_text() == (tmp_path / 'r1' / 'per_video' / 'ed' / 'clip.csv').read_text()
+    # and without a cache the numbers are the same again
+    r0 = M.evaluate(root / 'orig', root / 'ed', tmp_path / 'r0', progress=False)
+    assert r0['warp_errors'] == {'computed': 2, 'cached': 0}
+    assert _strip(evaluate_report(tmp_path / 'r0')) == _strip(evaluate_report(tmp_path / 'r1'))
+
+
+def test_settings_and_content_are_part_of_the_key(folders, tmp_path, flows):
+    root, fr = folders
+    cache = tmp_path / 'cache'
+    ev = lambda out, ed=root / 'ed', **kw: M.evaluate(root / 'orig', ed, tmp_path / out, cache_dir=cache, progress=False, **kw)
+    ev('a')
+    assert ev('b', flow='dis-fast')['warp_errors'] == {'computed': 2, 'cached': 0}          # another flow
+    assert ev('c', occlusion_mask=True)['warp_errors'] == {'computed': 2, 'cached': 0}     # the mask
+    assert ev('d', max_frames=10)['warp_errors'] == {'computed': 2, 'cached': 0}          # fewer frames
+    # another edit under the same name: its own warp error is computed, the original's is read
+    (tmp_path / 'ed2').mkdir()
+    write_video(tmp_path / 'ed2' / 'clip.mp4', M.degrade(fr, 'blur'), 10, progress=False)
+    r = ev('e', ed=tmp_path / 'ed2')
+    assert r['warp_errors'] == {'computed': 1, 'cached': 1}
+    assert r['methods']['ed2']['warp_error_original'] == ev('f')['methods']['ed']['warp_error_original']
+    assert len(list(cache.glob('warp-*.npz'))) == 2 + 2 + 2 + 2 + 1
+
+
+def test_a_damaged_cache_file_is_computed_again(folders, tmp_path, flows):
+    root, _ = folders
+    cache = tmp_path / 'cache'
+    r1 = M.evaluate(root / 'orig', root / 'ed', tmp_path / 'r1', cache_dir=cache, progress=False)
+    for f in cache.glob('warp-*.npz'): f.write_bytes(f.read_bytes()[:40])                  # cut short: unreadable
+    r2 = M.evaluate(root / 'orig', root / 'ed', tmp_path / 'r2', cache_dir=cache, progress=False)
+    assert r2['warp_errors'] == {'computed': 2, 'cached': 0}
+    assert r2['methods']['ed']['warp_error'] == r1['methods']['ed']['warp_error']
+    r3 = M.evaluate(root / 'orig', root / 'ed', tmp_path / 'r3', cache_dir=cache, progress=False)
+    assert r3['warp_errors'] == {'computed': 0, 'cached': 2}                                 # rewritten whole
+
+
+def test_cli_cache_dir(folders, tmp_path, flows, capsys):
+    root, _ = folders
+    args = ['evaluate', '--original', str(root / 'orig'), '--edited', str(root / 'ed'), '--cache-dir', str(tmp_path / 'c'), '--quiet']
+    assert main(args + ['--out', str(tmp_path / 'o1')]) == 0 and len(flows) == 30
+    assert main(args + ['--out', str(tmp_path / 'o2')]) == 0 and len(flows) == 30
+    assert json.loads((tmp_path / 'o2' / 'metrics.json').read_text())['warp_errors'] == {'computed': 0, 'cached': 2}
+    assert f"cache {tmp_path / 'c'}: face embeddings 3 read, 0 computed; warp errors 2 read, 0 computed" in capsys.readouterr().out
