@@ -219,8 +219,8 @@ def raft_available() -> bool:
     try: return _raft_weights_file()[1]
     except Exception: return False
 
-@functools.lru_cache(maxsize=None)
-def _raft_model(device: str):
+def _raft_weights() -> Path:
+    "The raft_large weights file, or a one-line `UserError` saying what is missing (torchvision, or the weights)."
     if importlib.util.find_spec('torchvision') is None:
         raise UserError("RAFT optical flow needs torchvision (a build matching your torch) and its raft_large weights, "
                         "which are not installed: use --flow dis (OpenCV, the offline default) or install them")
@@ -230,6 +230,11 @@ def _raft_model(device: str):
     if not ok:
         raise UserError(f"RAFT's raft_large weights are not in torch's hub cache ({p}): download them once where there is "
                         "internet (torchvision.models.optical_flow.raft_large(weights='DEFAULT')) or use --flow dis")
+    return p
+
+@functools.lru_cache(maxsize=None)
+def _raft_model(device: str):
+    _raft_weights()
     from torchvision.models.optical_flow import raft_large, Raft_Large_Weights
     return raft_large(weights=Raft_Large_Weights.DEFAULT, progress=False).eval().to(device)
 
@@ -624,9 +629,9 @@ def flow_fingerprint(flow: str) -> str:
     "What stands for an optical flow method in a cache key: the method and OpenCV's version; RAFT: torchvision's version and its weights file."
     if flow not in FLOW_METHODS: raise UserError(f"unknown optical flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")
     if flow != 'raft': return f'{flow}:opencv {cv2.__version__}'
+    p = _raft_weights()                                    # a UserError when RAFT cannot run here
     import torchvision
-    p, ok = _raft_weights_file()
-    return f'raft:torchvision {torchvision.__version__}:{p.name}:{p.stat().st_size if ok else None}'
+    return f'raft:torchvision {torchvision.__version__}:{p.name}:{p.stat().st_size}'
 
 def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None,
                      max_frames: int | None = None, cache_dir=None, digest: str | None = None, stats: EmbedStats | None = None,
