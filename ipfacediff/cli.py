@@ -18,6 +18,7 @@ COMMANDS = {  # command → (module that defines it, one-line help for the overv
     'ablations': ('ipfacediff.ablations', 'run the configurations of the ablation study (§5.6) and tabulate them'),
     'bench':     ('ipfacediff.bench',     'per-stage speed of the edit pipeline (Table 2)'),
     'ddim-demo': ('ipfacediff.ddim',      'plot the noise schedule and check a DDIM round trip (no weights needed)'),
+    'cache':     ('ipfacediff.cache',     'show what the caches hold and remove what is not wanted'),
 }
 
 def _available(module: str) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .utils import UserError, data_dir, rgb_image, weights_fingerprint
+from .utils import UserError, data_dir, rgb_image, weights_fingerprint, default_cache_dir
 
 # %% auto #0
 __all__ = ['FFHQ_SIZE', 'DLIB_DAT', 'FR_IMAGES', 'DLIB_MEAN', 'DLIB_PLAN', 'DLIB_CHIP', 'FFHQ_FACE_BOX', 'ARCFACE_TEMPLATE',
@@ -101,9 +101,6 @@ class FaceEmbedder(nn.Module):
 # %% ../nbs/03a_embedders.ipynb #b8faba40
 DLIB_DAT = 'dlib_face_recognition_resnet_model_v1.dat'
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get('IPFACEDIFF_CACHE', Path.home() / '.cache' / 'ipfacediff'))
-
 def _frm_dir() -> Path:
     "Folder of the face_recognition_models package's .dat files, or a UserError that says what to install."
     spec = importlib.util.find_spec('face_recognition_models')  # never imported: it needs pkg_resources
@@ -120,7 +117,7 @@ FR_IMAGES = ('obama.jpg', 'obama2.jpg', 'obama3.jpg', 'biden.jpg')
 
 def fetch_face_recognition_images(cache_dir=None, timeout: float = 300) -> dict:
     "Paths of `obama*.jpg`, `biden.jpg` from the face_recognition 1.3.0 sdist (pip download, cached)."
-    d = Path(cache_dir or _cache_dir()) / 'face_recognition_images'
+    d = Path(cache_dir or default_cache_dir()) / 'face_recognition_images'
     paths = {n: d / n for n in FR_IMAGES}
     if all(p.exists() for p in paths.values()): return paths
     d.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import numpy as np, cv2, torch
 from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
 from .utils import (UserError, IMAGE_EXTS, atomic_dir, atomic_output, usable_cache_dir, check_report_folder, rgb_image,
-                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map)
+                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map, mark_used)
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes', 'face_crops', 'cosine_distance',
@@ -596,6 +596,7 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
                         out[k] = FaceEmbeddings(z['frames'], z['detected'].astype(bool), z['boxes'])
                         no_face = str(z['no_face']) if 'no_face' in z else ''
                 except Exception: continue                      # unreadable cache file: recompute it
+                mark_used(keys[k])
                 if no_face:                                     # a cached "no face found": not searched again
                     if stats is not None: stats.cached += 1
                     raise UserError(f"{Path(path).name}: {no_face}")
@@ -650,6 +651,7 @@ def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool 
                 with np.load(key) as z: errs = np.asarray(z['errors'], np.float64)
             except Exception: errs = None                   # unreadable: computed again
             if errs is not None and errs.ndim == 1 and (frames is None or len(errs) == max(len(frames) - 1, 0)):
+                mark_used(key)
                 if stats is not None: stats.cached += 1
                 return _warp_mean(errs), errs
     if stats is not None: stats.computed += 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
-                              device_timestep, weights_fingerprint, check_seed, writing)
+                              device_timestep, weights_fingerprint, check_seed, writing, default_cache_dir, mark_used)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, check_adapter_keys, tiny_components,
                                encode_prompt, vae_encode, vae_decode, lora_layers, check_no_adapters, _ADAPTERS_PRESENT)
@@ -25,10 +25,10 @@ from .metrics import StageTimer, content_hash
 
 # %% auto #0
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
-           'default_cache_dir', 'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents',
-           'write_cache', 'invert', 'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track',
-           'check_outputs', 'encode_frames', 'write_edited', 'edit', 'edit_video', 'is_lora_dir', 'rows_routable',
-           'AdapterRows', 'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
+           'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents', 'write_cache', 'invert',
+           'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'check_outputs',
+           'encode_frames', 'write_edited', 'edit', 'edit_video', 'is_lora_dir', 'rows_routable', 'AdapterRows',
+           'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
 
 # %% ../nbs/09_pipeline.ipynb #9b6fa64c
 NEGATIVE_PROMPT = 'ugly, blurry, low res, unrealistic, unaesthetic'
@@ -99,10 +99,6 @@ def unet_budget(n_frames: int, cfg: EditConfig, cached: bool = False) -> dict[st
             'edit': 2 * n_frames * S, 'keyframes': 2 * K * S, 'source': (n_frames + K) * W if cfg.propagation else n_frames * W}
 
 # %% ../nbs/09_pipeline.ipynb #eeb9fb33
-def default_cache_dir() -> Path:
-    "`$IPFACEDIFF_CACHE`, else `~/.cache/ipfacediff`."
-    return Path(os.environ.get('IPFACEDIFF_CACHE', Path.home() / '.cache' / 'ipfacediff'))
-
 def cache_key(data, **settings) -> str:
     "sha256 of `data` (an array's bytes, bytes, or a `hashlib.sha256` fed with them) and of the settings that change what is cached."
     h = data.copy() if hasattr(data, 'hexdigest') else hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
@@ -239,7 +235,7 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
         else:                                                   # a file under that name from elsewhere: checked, not trusted
             want = ddim_timesteps(cfg.steps)
             if isinstance(traj, dict) and all(isinstance(traj.get(t), torch.Tensor) and traj[t].shape == z0.shape for t in want):
-                return traj, True
+                mark_used(path); return traj, True
             warnings.warn(f'ignoring an inversion cache file that does not fit this edit (other steps or latents): {path}')
     cfg.validate()                                              # the inversion grid must hold the editing grid
     abar = self.alphas_on(z0.device)
@@ -396,7 +392,7 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
     if path.exists():
         try:
             track = load_track(path)
-            if len(track) == len(frames) and track.frame_size == frames.shape[1:3]: return track, True
+            if len(track) == len(frames) and track.frame_size == frames.shape[1:3]: mark_used(path); return track, True
         except Exception: pass
         warnings.warn(f'ignoring a face-track cache file that does not fit this video: {path}')
     track = track_faces(frames, size=cfg.size, progress=self.progress)

@@ -11,9 +11,9 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'writing',
-           'file_size_limit', 'save_figure', 'usable_cache_dir', 'inside', 'check_report_folder', 'check_seed',
-           'cpu_workers', 'ordered_map', 'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded',
-           'weights_fingerprint', 'to_device', 'device_timestep']
+           'file_size_limit', 'save_figure', 'default_cache_dir', 'usable_cache_dir', 'mark_used', 'inside',
+           'check_report_folder', 'check_seed', 'cpu_workers', 'ordered_map', 'rgb_image', 'resolve_device',
+           'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -132,6 +132,10 @@ def save_figure(fig, path, name=None, **savefig_kw) -> Path:
     return Path(path)
 
 # %% ../nbs/00a_utils.ipynb #8eb46824
+def default_cache_dir() -> Path:
+    "`$IPFACEDIFF_CACHE`, else `~/.cache/ipfacediff`."
+    return Path(os.environ.get('IPFACEDIFF_CACHE', Path.home() / '.cache' / 'ipfacediff'))
+
 def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:
     "`path` as a folder, made if missing (with `create=False` only checked: nothing is made); a `UserError` if it cannot be."
     path = Path(path)
@@ -145,6 +149,12 @@ def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', cre
         try: path.mkdir(parents=True, exist_ok=True)
         except OSError as e: raise UserError(f"cannot make the cache folder {path} ({e.strerror}): give a folder you can write to with {flag}") from None
     return path
+
+# %% ../nbs/00a_utils.ipynb #3ed052a0
+def mark_used(path) -> None:
+    "Set a cache file's modification time to now (its last use); nothing if that is not allowed."
+    try: os.utime(path)
+    except OSError: pass
 
 # %% ../nbs/00a_utils.ipynb #c030f87d
 def inside(path, folder) -> bool:
