@@ -346,7 +346,7 @@ def _run_cli(a) -> AblationResult:
             list_media(a.gallery)                                                 # before the branches are fine-tuned
         _prepare_out(out, a.overwrite, [a.video], a.gallery)
         from ipfacediff.pipeline import default_cache_dir
-        usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)      # before the branches are fine-tuned
+        usable_cache_dir(default_cache_dir() if a.cache_dir is None else a.cache_dir, create=False)   # before the branches are fine-tuned
         print('ipfacediff: --tiny smoke run: tiny random models and branches fine-tuned for a few steps; the edited face pixels are noise (mechanics only)')
         import tempfile as _tf
         work = Path(_tf.mkdtemp(prefix='.ipfacediff-tiny.', dir=out.parent if str(out.parent) else '.'))

@@ -4,9 +4,10 @@
 
 # %% ../nbs/14_cache.ipynb #61c608e8
 from __future__ import annotations
-import os, re, time
+import math, os, re, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
+import numpy as np, torch
 from .utils import UserError, default_cache_dir
 
 # %% auto #0
@@ -15,14 +16,19 @@ __all__ = ['CACHE_KINDS', 'KINDS', 'CacheFile', 'scan_cache', 'select_for_remova
 
 # %% ../nbs/14_cache.ipynb #2d04ce64
 _KEY = r'[0-9a-f]{32}'
-CACHE_KINDS = {   # kind → (sub-folders it lives in, '' the cache folder itself; file name pattern; what it holds)
-    'inversion':  (('inversion',), rf'{_KEY}\.pt', 'DDIM inversions of the aligned faces (edit)'),
-    'tracks':     (('tracks',), rf'{_KEY}\.npz', 'face tracks of video files (edit)'),
-    'embeddings': (('', 'embeddings'), rf'{_KEY}\.npz', 'face embeddings, one video and recognizer each (evaluate)'),
-    'warp':       (('', 'embeddings'), rf'warp-{_KEY}\.npz', 'warp errors, one video and optical flow each (evaluate)'),
+CACHE_KINDS = {   # kind → what it holds; the file's name and its content tell the kind (`_kind_of`)
+    'inversion':  'DDIM inversions of the aligned faces (edit)',
+    'tracks':     'face tracks of video files (edit)',
+    'embeddings': 'face embeddings, one video and recognizer each (evaluate)',
+    'warp':       'warp errors, one video and optical flow each (evaluate)',
+    'images':     'face photos for the recognizer checks (embedders)',
 }
-_PARTIAL = rf'\.(?:warp-)?{_KEY}\.[a-z0-9_]+\.(?:npz|pt)'   # `atomic_output`'s temporary: mkstemp's '.STEM.' + random + suffix
 KINDS = (*CACHE_KINDS, 'partial')
+_FOLDERS = ('', 'inversion', 'tracks', 'embeddings')         # where the keyed files live ('': the cache folder itself)
+_NAME = rf'(?:warp-)?{_KEY}\.(?:npz|pt)'
+_PARTIAL = rf'\.(?:warp-)?{_KEY}\.[a-z0-9_]+\.(?:npz|pt)'     # `atomic_output`'s temporary: mkstemp's '.STEM.' + random + suffix
+_IMAGES = ('face_recognition_images', r'(?:obama[23]?|biden)\.jpg')
+_TRACK_FIELDS = {'landmarks', 'detected', 'quads', 'crop_from_frame', 'frame_from_crop'}
 
 @dataclass
 class CacheFile:
@@ -32,21 +38,46 @@ class CacheFile:
     size: int
     used: float
 
+def _kind_of(p: Path) -> str | None:
+    "The kind of a file named like a cache file, from what it holds (None: not one of ours, whatever its name)."
+    try:
+        if p.suffix == '.pt':                                   # {t: z_t} and nothing else; mapped, not read
+            d = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
+            ok = isinstance(d, dict) and d and all(isinstance(k, int) and isinstance(v, torch.Tensor) for k, v in d.items())
+            return 'inversion' if ok else None
+        with np.load(p, allow_pickle=False) as z: names = set(z.files)   # the zip's directory only
+    except Exception: return None
+    if p.name.startswith('warp-'): return 'warp' if names == {'errors'} else None
+    if _TRACK_FIELDS <= names: return 'tracks'
+    return 'embeddings' if {'frames', 'detected', 'boxes'} <= names else None
+
+def _entries(d: Path):
+    try: return list(d.iterdir())
+    except FileNotFoundError: return []                         # removed meanwhile
+    except OSError as e:
+        warnings.warn(f"cannot read the cache folder {d} ({e.strerror}): its files are left out"); return []
+
 def scan_cache(cache_dir=None) -> list[CacheFile]:
     "The files `ipfacediff` wrote in `cache_dir` (default `default_cache_dir()`), least recently used first; nothing else."
+    if cache_dir is not None and not str(cache_dir).strip(): raise UserError("--cache-dir is empty: give the cache folder")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if root.exists() and not root.is_dir(): raise UserError(f"the cache folder {root} is a file: give a folder with --cache-dir")
-    rules = [(sub, kind, pat) for kind, (subs, pat, _) in CACHE_KINDS.items() for sub in subs]
-    rules += [(sub, 'partial', _PARTIAL) for sub in dict.fromkeys(s for s, _, _ in rules)]
-    found = []
-    for sub, kind, pat in rules:
-        d = root / sub
-        if not d.is_dir(): continue                            # a linked folder is followed: the package writes through it too
-        for p in d.iterdir():
-            if not re.fullmatch(pat, p.name) or p.is_symlink(): continue
-            try: st = p.stat()
-            except FileNotFoundError: continue                 # removed meanwhile (another run clearing it)
-            if p.is_file(): found.append(CacheFile(p, kind, st.st_size, st.st_mtime))
+    found, seen = [], set()
+    def add(p: Path, kind):
+        if p.is_symlink(): return                               # a linked file is someone else's
+        try: st = p.stat()
+        except OSError: return                                  # removed meanwhile (another run clearing it)
+        if not p.is_file() or (st.st_dev, st.st_ino) in seen: return    # one file reached through two linked folders: once
+        kind = kind or _kind_of(p)
+        if kind: seen.add((st.st_dev, st.st_ino)); found.append(CacheFile(p, kind, st.st_size, st.st_mtime))
+    for sub in _FOLDERS:                                        # a linked folder is followed: the package writes through it too
+        if (root / sub).is_dir():
+            for p in _entries(root / sub):
+                if re.fullmatch(_NAME, p.name): add(p, None)
+                elif re.fullmatch(_PARTIAL, p.name): add(p, 'partial')
+    if (root / _IMAGES[0]).is_dir():
+        for p in _entries(root / _IMAGES[0]):
+            if re.fullmatch(_IMAGES[1], p.name): add(p, 'images')
     return sorted(found, key=lambda f: (f.used, str(f.path)))
 
 # %% ../nbs/14_cache.ipynb #6db7a6eb
@@ -67,11 +98,11 @@ def select_for_removal(files: list[CacheFile], kinds=None, older_than: float | N
     if older_than is None and max_size is None: return pool
     out = [f for f in pool if older_than is not None and f.used < now - older_than * 86400]
     if max_size is not None:
-        rest = [f for f in pool if f not in out]
-        left = sum(f.size for f in files if f.kind in kinds and f not in out)
-        for f in rest:
+        taken = {id(f) for f in out}                            # by identity: thousands of files, no pairwise comparisons
+        left = sum(f.size for f in files if f.kind in kinds and id(f) not in taken)
+        for f in pool:
             if left <= max_size: break
-            out.append(f); left -= f.size
+            if id(f) not in taken: out.append(f); left -= f.size
     return sorted(out, key=lambda f: f.used)
 
 # %% ../nbs/14_cache.ipynb #29f7f98a
@@ -81,7 +112,7 @@ def parse_size(text) -> int:
     "'20G', '500M', '1.5GiB', '4096' → bytes (K, M, G, T: powers of 1024; a B or iB after them is allowed)."
     m = re.fullmatch(r'\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*', str(text), re.IGNORECASE)
     if not m: raise UserError(f"--max-size {text!r} is not a size: write it like 20G, 500M or 1.5GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return math.ceil(float(m.group(1)) * _UNITS[m.group(2).upper()])   # a part of a byte is a byte: 0.0001K is not 0
 
 def format_size(n: int) -> str:
     "Bytes as '1.4 GiB', '20.0 KiB', '17 B'."
@@ -91,18 +122,18 @@ def format_size(n: int) -> str:
 
 # %% ../nbs/14_cache.ipynb #8966d91d
 def clear_cache(cache_dir=None, kinds=None, older_than: float | None = None, max_size: int | None = None,
-                dry_run: bool = False, now: float | None = None) -> list[CacheFile]:
-    "Remove (`dry_run`: only list) the cache files `select_for_removal` picks in `cache_dir`; returns those removed."
-    picked = select_for_removal(scan_cache(cache_dir), kinds, older_than, max_size, now)
+                dry_run: bool = False, now: float | None = None, files: list[CacheFile] | None = None) -> list[CacheFile]:
+    "Remove (`dry_run`: only list) the cache files `select_for_removal` picks in `cache_dir` (or of `files`, scanned already)."
+    picked = select_for_removal(scan_cache(cache_dir) if files is None else files, kinds, older_than, max_size, now)
     if dry_run: return picked
-    gone = []
+    gone, failed = [], []
     for f in picked:
-        try: f.path.unlink()
+        try: f.path.unlink(); gone.append(f)
         except FileNotFoundError: continue
-        except OSError as e:
-            raise UserError(f"cannot remove the cache file {f.path} ({e.strerror}); "
-                            f"{len(gone)} file(s) were removed before it: check the folder's permissions") from None
-        gone.append(f)
+        except OSError as e: failed.append((f, e))
+    if failed:
+        f, e = failed[0]
+        raise OSError(e.errno, f"could not remove {len(failed)} cache file(s) ({e.strerror}; {len(gone)} removed), the first", str(f.path))
     return gone
 
 # %% ../nbs/14_cache.ipynb #de230bb8
@@ -110,7 +141,7 @@ def _day(t: float) -> str: return time.strftime('%Y-%m-%d', time.localtime(t))
 
 def cache_table(files: list[CacheFile]) -> str:
     "Per kind: files, total size, first and last use; then the total."
-    rows = [('kind', 'files', 'size', 'last used')]
+    rows = [('kind', 'files', 'size', 'last used (oldest … newest)')]
     for k in KINDS:
         fs = [f for f in files if f.kind == k]
         days = sorted({_day(f.used) for f in fs})
@@ -133,23 +164,23 @@ def add_cli(sub):
     p.add_argument('--max-size', default=None, metavar='SIZE', help='remove the least recently used until the rest fit in SIZE (20G, 500M)')
     p.add_argument('--dry-run', action='store_true', help='list what --clear would remove, remove nothing')
     def run(a):
-        root = Path(a.cache_dir) if a.cache_dir is not None else default_cache_dir()
         chosen = [f for f, v in (('--kind', a.kind), ('--older-than', a.older_than), ('--max-size', a.max_size)) if v is not None]
         if chosen and not (a.clear or a.dry_run):
             raise UserError(f"{chosen[0]} chooses what --clear removes: add --clear (or --dry-run to list it first)")
         max_size = None if a.max_size is None else parse_size(a.max_size)
-        files = scan_cache(root)
+        files = scan_cache(a.cache_dir)                          # one look at the folder; '' is refused there
+        root = Path(a.cache_dir) if a.cache_dir is not None else default_cache_dir()
         if not (a.clear or a.dry_run):
             if not root.exists(): print(f'cache folder {root} does not exist yet: nothing is cached'); return
             print(f'cache folder {root}\n{cache_table(files)}')
             if files: print('remove with --clear (all), or choose with --kind, --older-than DAYS, --max-size SIZE; --dry-run lists first')
             return
-        picked = clear_cache(root, a.kind, a.older_than, max_size, dry_run=a.dry_run)
+        picked = clear_cache(root, a.kind, a.older_than, max_size, dry_run=a.dry_run, files=files)
         for f in picked if a.dry_run else ():
             print(f'{f.kind:<10}  {format_size(f.size):>9}  {_day(f.used)}  {f.path}')
-        size, left = sum(f.size for f in picked), scan_cache(root)
-        n, kept = len(left), sum(f.size for f in left)
-        if a.dry_run: print(f'would remove {len(picked)} file(s), {format_size(size)}; {n - len(picked)} would be left, {format_size(kept - size)}')
-        else: print(f'removed {len(picked)} file(s), {format_size(size)}; {n} left in {root}, {format_size(kept)}')
+        ids = {id(f) for f in picked}
+        left = [f for f in files if id(f) not in ids]
+        what = (f'would remove {len(picked)} file(s)', 'would be left') if a.dry_run else (f'removed {len(picked)} file(s)', f'left in {root}')
+        print(f'{what[0]}, {format_size(sum(f.size for f in picked))}; {len(left)} {what[1]}, {format_size(sum(f.size for f in left))}')
     p.set_defaults(func=run)
     return p

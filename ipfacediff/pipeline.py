@@ -726,7 +726,7 @@ def run_edit(a) -> EditResult:
     cfg = EditConfig(a.prompt, **_settings_from_args(a)).validate()
     out = Path(a.out)
     check_outputs(out, a.side_by_side, a.overwrite, a.input)  # before the models load and the work starts
-    usable_cache_dir(a.cache_dir or default_cache_dir(), create=False)   # made when first used
+    usable_cache_dir(default_cache_dir() if a.cache_dir is None else a.cache_dir, create=False)   # made when first used; '' refused
     progress = not a.quiet
     if a.tiny:
         check_tiny_flags(a)

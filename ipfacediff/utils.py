@@ -134,10 +134,11 @@ def save_figure(fig, path, name=None, **savefig_kw) -> Path:
 # %% ../nbs/00a_utils.ipynb #8eb46824
 def default_cache_dir() -> Path:
     "`$IPFACEDIFF_CACHE`, else `~/.cache/ipfacediff`."
-    return Path(os.environ.get('IPFACEDIFF_CACHE', Path.home() / '.cache' / 'ipfacediff'))
+    return Path(os.environ.get('IPFACEDIFF_CACHE') or Path.home() / '.cache' / 'ipfacediff')   # set but empty: the default, not '.'
 
 def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:
     "`path` as a folder, made if missing (with `create=False` only checked: nothing is made); a `UserError` if it cannot be."
+    if not str(path).strip(): raise UserError(f"the cache folder is empty ({flag} ''): give a folder")
     path = Path(path)
     a = path
     while not a.exists() and a != a.parent: a = a.parent       # the nearest part that exists

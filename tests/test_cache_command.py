@@ -50,10 +50,10 @@ def test_lists_what_edit_and_evaluate_keep(edited, tmp_path):
     r = cli(['cache'], cache, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == f'cache folder {cache}'
-    assert _counts(r.stdout) == {'inversion': 1, 'tracks': 1, 'embeddings': 2, 'warp': 2, 'partial': 0, 'total': 6}
+    assert _counts(r.stdout) == {'inversion': 1, 'tracks': 1, 'embeddings': 2, 'warp': 2, 'images': 0, 'partial': 0, 'total': 6}
     # --cache-dir names another folder: the flat cache of `evaluate --cache-dir`
     r = cli(['cache', '--cache-dir', cache / 'embeddings'], tmp_path / 'nowhere', tmp_path)
-    assert _counts(r.stdout) == {'inversion': 0, 'tracks': 0, 'embeddings': 2, 'warp': 2, 'partial': 0, 'total': 4}
+    assert _counts(r.stdout) == {'inversion': 0, 'tracks': 0, 'embeddings': 2, 'warp': 2, 'images': 0, 'partial': 0, 'total': 4}
 
 
 def test_clearing_the_inversion_makes_the_next_edit_invert_again(edited, tmp_path):
@@ -112,7 +112,7 @@ def test_only_its_own_files_and_partials_older_than_an_hour(edited, tmp_path):
 
 @pytest.mark.parametrize('args, msg', [
     (['--older-than', '30'], '--older-than chooses what --clear removes: add --clear (or --dry-run to list it first)'),
-    (['--clear', '--kind', 'inversions'], "unknown cache kind 'inversions': use one or more of inversion, tracks, embeddings, warp, partial"),
+    (['--clear', '--kind', 'inversions'], "unknown cache kind 'inversions': use one or more of inversion, tracks, embeddings, warp, images, partial"),
     (['--clear', '--max-size', '20 gigs'], "--max-size '20 gigs' is not a size"),
     (['--clear', '--older-than', '-3'], '--older-than must be a number of days ≥ 0'),
     (['--clear', '--older-than', 'week'], "argument --older-than: invalid float value: 'week'"),
