@@ -563,6 +563,10 @@ def embedder_fingerprint(embedder) -> str:
         return _MODULE_PRINTS[embedder]
     return embedder_name(embedder)
 
+def _read_settings(fps, max_frames) -> dict:
+    "How a video is read, as a cache key holds it: 10, 10.0 and np.float32(10) are one rate; np.int64(5) is 5 frames."
+    return {'fps': None if fps is None else float(fps), 'max_frames': None if max_frames is None else int(max_frames)}
+
 def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
     from ipfacediff import faces
     from ipfacediff.video import DECODE_RULES      # the same file decoded by other rules gives other frames
@@ -582,7 +586,7 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
                 reference_boxes=None, progress: bool = False, digest: str | None = None, stream: bool | None = None) -> dict:
     """`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given (`digest`: its
     `content_hash`, if known; `frames`: its frames, if already read; else read as `media_frames(path, fps, max_frames, stream)`)."""
-    settings = {'fps': fps, 'max_frames': max_frames, 'size': size,
+    settings = {**_read_settings(fps, max_frames), 'size': int(size),
                 'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
     out, keys = {}, {}
     if cache_dir is not None:
@@ -643,8 +647,8 @@ def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool 
     if cache_dir is not None:
         from ipfacediff.video import DECODE_RULES          # the same file decoded by other rules gives other frames
         blob = json.dumps({'v': _WARP_CACHE_VERSION, 'content': digest or content_hash(path), 'flow': flow_fingerprint(flow),
-                           'occlusion_mask': bool(occlusion_mask), 'fps': None if fps is None else float(fps),
-                           'max_frames': max_frames, 'decode': DECODE_RULES}, sort_keys=True)
+                           'occlusion_mask': bool(occlusion_mask), **_read_settings(fps, max_frames), 'decode': DECODE_RULES},
+                          sort_keys=True)
         key = usable_cache_dir(cache_dir) / f'warp-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.npz'
         if key.exists():
             try:
@@ -796,8 +800,8 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"--batch-size must be a whole number of at least 1, got {batch_size}")
     from ipfacediff.video import check_fps, check_max_frames      # video I/O (PyAV) is imported when first needed
-    if fps is not None: check_fps(fps, '--fps')
-    check_max_frames(max_frames, '--max-frames')
+    if fps is not None: fps = check_fps(fps, '--fps')
+    max_frames = check_max_frames(max_frames, '--max-frames')
     if cache_dir is not None: cache_dir = usable_cache_dir(cache_dir, '--cache-dir', create=False)   # made when first used
     if rank_metric not in ('cosine', 'euclidean'): raise UserError(f"unknown --rank-metric {rank_metric!r}: use cosine or euclidean")
     if flow not in FLOW_METHODS: raise UserError(f"unknown --flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")

@@ -93,3 +93,12 @@ def test_cli_cache_dir(folders, tmp_path, flows, capsys):
     assert main(args + ['--out', str(tmp_path / 'o2')]) == 0 and len(flows) == 30
     assert json.loads((tmp_path / 'o2' / 'metrics.json').read_text())['warp_errors'] == {'computed': 0, 'cached': 2}
     assert f"cache {tmp_path / 'c'}: face embeddings 3 read, 0 computed; warp errors 2 read, 0 computed" in capsys.readouterr().out
+
+
+def test_embedding_cache_reads_the_settings_as_numbers(folders, tmp_path):
+    "fps 10 (the API) and 10.0 (the CLI) are one key for the embeddings too, and NumPy numbers are keys, not a TypeError."
+    root, _ = folders
+    st, embs, v = M.EmbedStats(), M._parse_recognizers('dlib'), root / 'orig' / 'clip.mp4'
+    a = M.embed_media(v, embs, tmp_path / 'c', fps=10, max_frames=np.int64(6), stats=st)
+    b = M.embed_media(v, embs, tmp_path / 'c', fps=np.float32(10.0), max_frames=6, stats=st)
+    assert (st.computed, st.cached) == (1, 1) and np.array_equal(a['dlib'].frames, b['dlib'].frames, equal_nan=True)
