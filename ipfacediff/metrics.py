@@ -631,12 +631,13 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
 _WARP_CACHE_VERSION = 1
 
 def flow_fingerprint(flow: str) -> str:
-    "What stands for an optical flow method in a cache key: the method and OpenCV's version; RAFT: torchvision's version and its weights file."
+    "What stands for an optical flow method in a cache key: the method and OpenCV's version; RAFT: torch's, torchvision's, the device, its weights file."
     if flow not in FLOW_METHODS: raise UserError(f"unknown optical flow {flow!r}: use one of {', '.join(FLOW_METHODS)}")
     if flow != 'raft': return f'{flow}:opencv {cv2.__version__}'
     p = _raft_weights()                                    # a UserError when RAFT cannot run here
-    import torchvision
-    return f'raft:torchvision {torchvision.__version__}:{p.name}:{p.stat().st_size}'
+    import torchvision                                      # a GPU's flow differs from a CPU's in the last bits: the device too
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return f'raft:torchvision {torchvision.__version__}:torch {torch.__version__}:{dev}:{p.name}:{p.stat().st_size}'
 
 def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None,
                      max_frames: int | None = None, cache_dir=None, digest: str | None = None, stats: EmbedStats | None = None,

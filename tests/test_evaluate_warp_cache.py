@@ -102,3 +102,17 @@ def test_embedding_cache_reads_the_settings_as_numbers(folders, tmp_path):
     a = M.embed_media(v, embs, tmp_path / 'c', fps=10, max_frames=np.int64(6), stats=st)
     b = M.embed_media(v, embs, tmp_path / 'c', fps=np.float32(10.0), max_frames=6, stats=st)
     assert (st.computed, st.cached) == (1, 1) and np.array_equal(a['dlib'].frames, b['dlib'].frames, equal_nan=True)
+
+
+def test_raft_fingerprint_names_the_device_and_versions(tmp_path, monkeypatch):
+    "RAFT on a GPU and on a CPU differ in the last bits: a cache shared by both machines keeps them apart (no torchvision here: stand-ins)."
+    import sys, types, torch
+    w = tmp_path / 'raft_large_C_T_SKHT_V2-ff5fadd5.pth'; w.write_bytes(b'w' * 10)
+    monkeypatch.setattr(M, '_raft_weights', lambda: w)
+    monkeypatch.setitem(sys.modules, 'torchvision', types.SimpleNamespace(__version__='0.28.0'))
+    prints = {}
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda gpu=gpu: gpu)
+        prints[gpu] = M.flow_fingerprint('raft')
+    assert prints[False] != prints[True] and 'cuda' in prints[True] and 'torchvision 0.28.0' in prints[False]
+    assert f'torch {torch.__version__}' in prints[False] and w.name in prints[False]
