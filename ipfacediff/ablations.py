@@ -8,7 +8,7 @@ import json, math, os, shlex, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, check_report_folder, usable_cache_dir, save_figure, writing
+from .utils import UserError, check_report_folder, usable_cache_dir, save_figure, writing, cache_folder
 from .models import DEFAULT_MODEL
 
 # %% auto #0
@@ -213,7 +213,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     """Run the §5.6 configurations `configs` (default: all of `ABLATIONS`) on `video` with `prompt`, evaluate them, write `out_dir`.
     `settings` are `EditConfig` fields (size, steps, inversion_steps, max_frames, fps, seed, ...). `pipeline_factory(eps1, eps2)`
     (None or a branch path each) builds a pipeline; default `IPFaceDiffPipeline.from_pretrained(model, eps1, eps2, ...)`."""
-    from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig, default_cache_dir
+    from ipfacediff.pipeline import IPFaceDiffPipeline, EditConfig
     from ipfacediff.metrics import StageTimer, atomic_dir, list_media, _parse_recognizers, evaluate
     # ---- everything that can be checked before any work ----
     video, out = Path(video), Path(out_dir)
@@ -230,7 +230,7 @@ def run_ablations(video, prompt: str, out_dir, identity_model=None, edit_model=N
     embs = _parse_recognizers(recognizers)          # fails now (one line) if a recognizer is unknown or lacks weights
     rec0 = list(embs)[0]
     if gallery is not None: list_media(gallery)
-    cache_dir = usable_cache_dir(cache_dir if cache_dir is not None else default_cache_dir())
+    cache_dir = usable_cache_dir(cache_folder(cache_dir))
     if pipeline_factory is None:
         def pipeline_factory(e1, e2):
             return IPFaceDiffPipeline.from_pretrained(model, e1, e2, device=device, dtype=dtype, cache_dir=cache_dir,
@@ -345,8 +345,7 @@ def _run_cli(a) -> AblationResult:
             from ipfacediff.metrics import list_media
             list_media(a.gallery)                                                 # before the branches are fine-tuned
         _prepare_out(out, a.overwrite, [a.video], a.gallery)
-        from ipfacediff.pipeline import default_cache_dir
-        usable_cache_dir(default_cache_dir() if a.cache_dir is None else a.cache_dir, create=False)   # before the branches are fine-tuned
+        usable_cache_dir(cache_folder(a.cache_dir), create=False)   # before the branches are fine-tuned
         print('ipfacediff: --tiny smoke run: tiny random models and branches fine-tuned for a few steps; the edited face pixels are noise (mechanics only)')
         import tempfile as _tf
         work = Path(_tf.mkdtemp(prefix='.ipfacediff-tiny.', dir=out.parent if str(out.parent) else '.'))

@@ -8,7 +8,7 @@ import math, os, re, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, torch
-from .utils import UserError, default_cache_dir
+from .utils import UserError, cache_folder
 
 # %% auto #0
 __all__ = ['CACHE_KINDS', 'KINDS', 'CacheFile', 'scan_cache', 'select_for_removal', 'parse_size', 'format_size', 'clear_cache',
@@ -59,8 +59,7 @@ def _entries(d: Path):
 
 def scan_cache(cache_dir=None) -> list[CacheFile]:
     "The files `ipfacediff` wrote in `cache_dir` (default `default_cache_dir()`), least recently used first; nothing else."
-    if cache_dir is not None and not str(cache_dir).strip(): raise UserError("--cache-dir is empty: give the cache folder")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = cache_folder(cache_dir)                              # '' refused: not the current folder
     if root.exists() and not root.is_dir(): raise UserError(f"the cache folder {root} is a file: give a folder with --cache-dir")
     found, seen = [], set()
     def add(p: Path, kind):
@@ -90,7 +89,9 @@ def _check_kinds(kinds) -> tuple:
 
 def select_for_removal(files: list[CacheFile], kinds=None, older_than: float | None = None, max_size: int | None = None,
                        now: float | None = None) -> list[CacheFile]:
-    "What `clear_cache` removes of `files` (see above), least recently used first."
+    """What `clear_cache` removes of `files`, least recently used first: those of `kinds` (default all); of them, those not used for
+    `older_than` days; then the least recently used of the rest while they take more than `max_size` bytes; neither: all of them.
+    `partial` files only when over an hour old."""
     kinds, now = _check_kinds(kinds), time.time() if now is None else now
     if older_than is not None and not older_than >= 0: raise UserError(f"--older-than must be a number of days ≥ 0, got {older_than}")
     if max_size is not None and not max_size >= 0: raise UserError(f"--max-size must be ≥ 0, got {max_size}")
@@ -133,7 +134,8 @@ def clear_cache(cache_dir=None, kinds=None, older_than: float | None = None, max
         except OSError as e: failed.append((f, e))
     if failed:
         f, e = failed[0]
-        raise OSError(e.errno, f"could not remove {len(failed)} cache file(s) ({e.strerror}; {len(gone)} removed), the first", str(f.path))
+        raise OSError(e.errno, f"could not remove {len(failed)} cache file(s) ({e.strerror}; {len(gone)} removed): check the owner and "
+                               f"permissions of the first, or remove it by hand", str(f.path))
     return gone
 
 # %% ../nbs/14_cache.ipynb #de230bb8
@@ -154,7 +156,8 @@ def cache_table(files: list[CacheFile]) -> str:
 def add_cli(sub):
     "`ipfacediff cache`: what the caches hold; `--clear` to remove (some of) it."
     p = sub.add_parser('cache', help='show what the caches hold and remove what is not wanted',
-                       description="Show the files ipfacediff keeps between runs (face tracks, inversions, embeddings, warp errors), "
+                       description="Show the files ipfacediff keeps between runs (face tracks, inversions, embeddings, warp errors, "
+                                   "the recognizer checks' face photos), "
                                    "per kind, with their size and last use; --clear removes them (or those chosen by --kind, "
                                    "--older-than, --max-size). Only files ipfacediff wrote are listed or removed.")
     p.add_argument('--cache-dir', default=None, help='the cache folder (default $IPFACEDIFF_CACHE or ~/.cache/ipfacediff)')
@@ -169,7 +172,7 @@ def add_cli(sub):
             raise UserError(f"{chosen[0]} chooses what --clear removes: add --clear (or --dry-run to list it first)")
         max_size = None if a.max_size is None else parse_size(a.max_size)
         files = scan_cache(a.cache_dir)                          # one look at the folder; '' is refused there
-        root = Path(a.cache_dir) if a.cache_dir is not None else default_cache_dir()
+        root = cache_folder(a.cache_dir)
         if not (a.clear or a.dry_run):
             if not root.exists(): print(f'cache folder {root} does not exist yet: nothing is cached'); return
             print(f'cache folder {root}\n{cache_table(files)}')

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .utils import UserError, data_dir, rgb_image, weights_fingerprint, default_cache_dir
+from .utils import UserError, data_dir, rgb_image, weights_fingerprint, cache_folder, mark_used
 
 # %% auto #0
 __all__ = ['FFHQ_SIZE', 'DLIB_DAT', 'FR_IMAGES', 'DLIB_MEAN', 'DLIB_PLAN', 'DLIB_CHIP', 'FFHQ_FACE_BOX', 'ARCFACE_TEMPLATE',
@@ -117,9 +117,11 @@ FR_IMAGES = ('obama.jpg', 'obama2.jpg', 'obama3.jpg', 'biden.jpg')
 
 def fetch_face_recognition_images(cache_dir=None, timeout: float = 300) -> dict:
     "Paths of `obama*.jpg`, `biden.jpg` from the face_recognition 1.3.0 sdist (pip download, cached)."
-    d = Path(cache_dir or default_cache_dir()) / 'face_recognition_images'
+    d = cache_folder(cache_dir) / 'face_recognition_images'
     paths = {n: d / n for n in FR_IMAGES}
-    if all(p.exists() for p in paths.values()): return paths
+    if all(p.exists() for p in paths.values()):
+        for p in paths.values(): mark_used(p)                   # `ipfacediff cache --older-than` counts from the last use
+        return paths
     d.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=d) as tmp:
         cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_metrics.ipynb #4e729b44
 from __future__ import annotations
-import contextlib, csv, functools, hashlib, importlib.util, io, itertools, json, math, os, re, shutil, tempfile, threading, time, warnings, weakref
+import contextlib, csv, functools, hashlib, importlib.util, inspect, io, itertools, json, math, os, re, shutil, tempfile, threading, time, warnings, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,7 +12,7 @@ import numpy as np, cv2, torch
 from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
 from .utils import (UserError, IMAGE_EXTS, atomic_dir, atomic_output, usable_cache_dir, check_report_folder, rgb_image,
-                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map, mark_used)
+                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map, mark_used, read_settings)
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes', 'face_crops', 'cosine_distance',
@@ -563,10 +563,6 @@ def embedder_fingerprint(embedder) -> str:
         return _MODULE_PRINTS[embedder]
     return embedder_name(embedder)
 
-def _read_settings(fps, max_frames) -> dict:
-    "How a video is read, as a cache key holds it: 10, 10.0 and np.float32(10) are one rate; np.int64(5) is 5 frames."
-    return {'fps': None if fps is None else float(fps), 'max_frames': None if max_frames is None else int(max_frames)}
-
 def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
     from ipfacediff import faces
     from ipfacediff.video import DECODE_RULES      # the same file decoded by other rules gives other frames
@@ -586,7 +582,7 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
                 reference_boxes=None, progress: bool = False, digest: str | None = None, stream: bool | None = None) -> dict:
     """`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given (`digest`: its
     `content_hash`, if known; `frames`: its frames, if already read; else read as `media_frames(path, fps, max_frames, stream)`)."""
-    settings = {**_read_settings(fps, max_frames), 'size': int(size),
+    settings = {**read_settings(fps, max_frames), 'size': int(size),
                 'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
     out, keys = {}, {}
     if cache_dir is not None:
@@ -628,7 +624,14 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
     return {k: out[k] for k in embedders}
 
 # %% ../nbs/10_metrics.ipynb #af48d94e
-_WARP_CACHE_VERSION = 1
+_WARP_CACHE_VERSION = 1   # the code behind the numbers is in the key too (`_eq7_code`): no bump needed when it changes
+
+@functools.lru_cache(maxsize=None)
+def _eq7_code() -> str:
+    "A hash of the code the warp error's numbers come from (flows and their settings, the warp, the mask, the mean)."
+    try: src = ''.join(inspect.getsource(f) for f in (_gray, _dis, compute_flow, warp, fb_consistency_mask, _pair_error, _warp_mean))
+    except (OSError, TypeError): src = ''                   # no source at hand (a frozen build): the versions alone
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 def flow_fingerprint(flow: str) -> str:
     "What stands for an optical flow method in a cache key: the method and OpenCV's version; RAFT: torch's, torchvision's, the device, its weights file."
@@ -636,7 +639,7 @@ def flow_fingerprint(flow: str) -> str:
     if flow != 'raft': return f'{flow}:opencv {cv2.__version__}'
     p = _raft_weights()                                    # a UserError when RAFT cannot run here
     import torchvision                                      # a GPU's flow differs from a CPU's in the last bits: the device too
-    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = f'cuda {torch.cuda.get_device_name()}' if torch.cuda.is_available() else 'cpu'
     return f'raft:torchvision {torchvision.__version__}:torch {torch.__version__}:{dev}:{p.name}:{p.stat().st_size}'
 
 def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None,
@@ -647,8 +650,8 @@ def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool 
     key = None
     if cache_dir is not None:
         from ipfacediff.video import DECODE_RULES          # the same file decoded by other rules gives other frames
-        blob = json.dumps({'v': _WARP_CACHE_VERSION, 'content': digest or content_hash(path), 'flow': flow_fingerprint(flow),
-                           'occlusion_mask': bool(occlusion_mask), **_read_settings(fps, max_frames), 'decode': DECODE_RULES},
+        blob = json.dumps({'v': _WARP_CACHE_VERSION, 'content': digest or content_hash(path), 'flow': flow_fingerprint(flow), 'code': _eq7_code(),
+                           'occlusion_mask': bool(occlusion_mask), **read_settings(fps, max_frames), 'decode': DECODE_RULES},
                           sort_keys=True)
         key = usable_cache_dir(cache_dir) / f'warp-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.npz'
         if key.exists():

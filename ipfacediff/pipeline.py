@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
-                              device_timestep, weights_fingerprint, check_seed, writing, default_cache_dir, mark_used)
+                              device_timestep, weights_fingerprint, check_seed, writing, cache_folder, default_cache_dir, mark_used, read_settings)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, check_adapter_keys, tiny_components,
                                encode_prompt, vae_encode, vae_decode, lora_layers, check_no_adapters, _ADAPTERS_PRESENT)
@@ -146,7 +146,7 @@ class IPFaceDiffPipeline:
         for u in {id(u): u for u in (self.eps1, self.eps2)}.values():
             rows = getattr(u, '_ipf_adapter_rows', None)       # another pipeline's ε1/ε2 adapters live in this UNet
             if rows is not None and rows is not adapters: raise UserError(_ADAPTERS_PRESENT)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = cache_folder(cache_dir)
         self.progress, self.smoke = progress, smoke
         self.calls, self.uncached = Counter(), set()   # UNet rows per kind; caches the last edit could not write
         self.adapters = adapters                    # set when ε1 and ε2 are LoRA adapters of one UNet (one forward for both)
@@ -386,8 +386,8 @@ def face_track(self: IPFaceDiffPipeline, frames: np.ndarray, cfg: EditConfig, so
     """The face track of `frames` (`faces.track_faces`) and whether it came from the cache. Tracks of frames read
     from the file `source` are cached, keyed by the file's bytes and the settings that decide the frames and crops."""
     if source is None: return track_faces(frames, size=cfg.size, progress=self.progress), False
-    key = cache_key(content_hash(source).encode(), version=TRACK_CACHE_VERSION, tracker=tracker_id(), size=cfg.size, fps=cfg.fps,
-                    max_frames=cfg.max_frames, decode=DECODE_RULES)
+    key = cache_key(content_hash(source).encode(), version=TRACK_CACHE_VERSION, tracker=tracker_id(), size=cfg.size,
+                    **read_settings(cfg.fps, cfg.max_frames), decode=DECODE_RULES)
     path = self.cache_dir / 'tracks' / f'{key}.npz'
     if path.exists():
         try:
@@ -726,7 +726,7 @@ def run_edit(a) -> EditResult:
     cfg = EditConfig(a.prompt, **_settings_from_args(a)).validate()
     out = Path(a.out)
     check_outputs(out, a.side_by_side, a.overwrite, a.input)  # before the models load and the work starts
-    usable_cache_dir(default_cache_dir() if a.cache_dir is None else a.cache_dir, create=False)   # made when first used; '' refused
+    usable_cache_dir(cache_folder(a.cache_dir), create=False)   # made when first used; '' refused
     progress = not a.quiet
     if a.tiny:
         check_tiny_flags(a)

@@ -11,9 +11,10 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'writing',
-           'file_size_limit', 'save_figure', 'default_cache_dir', 'usable_cache_dir', 'mark_used', 'inside',
-           'check_report_folder', 'check_seed', 'cpu_workers', 'ordered_map', 'rgb_image', 'resolve_device',
-           'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint', 'to_device', 'device_timestep']
+           'file_size_limit', 'save_figure', 'default_cache_dir', 'cache_folder', 'read_settings', 'usable_cache_dir',
+           'mark_used', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers', 'ordered_map', 'rgb_image',
+           'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint', 'to_device',
+           'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -136,9 +137,21 @@ def default_cache_dir() -> Path:
     "`$IPFACEDIFF_CACHE`, else `~/.cache/ipfacediff`."
     return Path(os.environ.get('IPFACEDIFF_CACHE') or Path.home() / '.cache' / 'ipfacediff')   # set but empty: the default, not '.'
 
+_EMPTY_CACHE_DIR = "--cache-dir is empty: give a folder, or leave the option out for $IPFACEDIFF_CACHE (else ~/.cache/ipfacediff)"
+
+def cache_folder(path=None) -> Path:
+    "The cache folder a command uses: `path`, else `default_cache_dir()`; an empty string (which `Path` reads as '.') is refused."
+    if path is None: return default_cache_dir()
+    if isinstance(path, str) and not path.strip(): raise UserError(_EMPTY_CACHE_DIR)
+    return Path(path)
+
+def read_settings(fps, max_frames) -> dict:
+    "How a video is read, as a cache key holds it: 10, 10.0 and np.float32(10) are one rate; np.int64(5) is 5 frames."
+    return {'fps': None if fps is None else float(fps), 'max_frames': None if max_frames is None else int(max_frames)}
+
 def usable_cache_dir(path, flag: str = '--cache-dir (or $IPFACEDIFF_CACHE)', create: bool = True) -> Path:
     "`path` as a folder, made if missing (with `create=False` only checked: nothing is made); a `UserError` if it cannot be."
-    if not str(path).strip(): raise UserError(f"the cache folder is empty ({flag} ''): give a folder")
+    if isinstance(path, str) and not path.strip(): raise UserError(_EMPTY_CACHE_DIR)
     path = Path(path)
     a = path
     while not a.exists() and a != a.parent: a = a.parent       # the nearest part that exists

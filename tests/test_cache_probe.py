@@ -73,8 +73,9 @@ def test_clear_leaves_a_users_files_named_like_keys(tmp_path):
     inv = project / 'inversion' / f'{uuid.uuid4().hex}.pt'; inv.parent.mkdir()
     torch.save({'latents': torch.zeros(2)}, inv)                             # the user's own inversion experiment
     ours = put(project / f'warp-{KEY}.npz')                                  # (a real cache file beside them)
-    cli('--cache-dir', project, '--clear')
+    rc, out, err = cli('--cache-dir', project, '--clear')
     assert mine.exists() and inv.exists(), 'a file of the user was removed'
+    assert rc == 0 and out.startswith('removed 1 file(s)') and not ours.exists(), out + err
 
 
 def test_cache_dir_pointed_at_the_tracks_folder_does_not_remove_tracks_as_embeddings(tmp_path):
@@ -87,6 +88,9 @@ def test_cache_dir_pointed_at_the_tracks_folder_does_not_remove_tracks_as_embedd
     track = put(tmp_path / 'cache' / 'tracks' / f'{KEY}.npz')
     rc, out, err = cli('--cache-dir', tmp_path / 'cache' / 'tracks', '--clear', '--kind', 'embeddings')
     assert track.exists(), 'a face track was removed as --kind embeddings'
+    assert rc == 0 and out.startswith('removed 0 file(s)'), out + err
+    rc, out, err = cli('--cache-dir', tmp_path / 'cache' / 'tracks', '--clear', '--kind', 'tracks')
+    assert rc == 0 and out.startswith('removed 1 file(s)') and not track.exists(), out + err
 
 
 def test_empty_cache_variable_is_not_the_current_folder(tmp_path):
@@ -99,8 +103,10 @@ def test_empty_cache_variable_is_not_the_current_folder(tmp_path):
     env = {'IPFACEDIFF_CACHE': '', 'HOME': str(tmp_path / 'home')}          # after a fix: never the real ~/.cache
     with mock.patch.dict(os.environ, env):
         assert default_cache_dir() != Path('')
-    cli('--clear', env=env, cwd=tmp_path / 'work')
-    assert f.exists()
+    rc, out, err = cli('--clear', env=env, cwd=tmp_path / 'work')
+    assert rc == 0 and out.startswith('removed 0 file(s)') and f.exists(), out + err
+    rc, out, err = cli('--clear', '--cache-dir', '', cwd=tmp_path / 'work')
+    assert rc == 2 and '--cache-dir is empty' in err and f.exists(), err
 
 
 def test_a_file_reached_twice_through_a_linked_folder_is_counted_once(tmp_path):
@@ -212,7 +218,7 @@ def test_older_than_inf_removes_nothing(tmp_path):
 def test_table(tmp_path):
     put(tmp_path / 'inversion' / f'{KEY}.pt', 3 << 19, age_days=0)
     put(tmp_path / 'tracks' / f'{KEY}.npz', 100)
-    os.utime(tmp_path / 'inversion' / f'{KEY}.pt', (0, 86400 * 10))        # 1970-01-11 in any zone
+    os.utime(tmp_path / 'inversion' / f'{KEY}.pt', (0, 86400 * 10))        # 1970-01-10 or -11, by time zone
     rc, out, err = cli('--cache-dir', tmp_path)
     lines = out.splitlines()
     assert rc == 0 and lines[0] == f'cache folder {tmp_path}' and lines[1].split() == ['kind', 'files', 'size', 'last', 'used', '(oldest', '…', 'newest)']
@@ -247,7 +253,7 @@ def test_unreadable_folder_or_unremovable_file_is_one_line_without_traceback(tmp
     with mock.patch.object(Path, 'unlink', unlink): rc, out, err = cli('--cache-dir', tmp_path, '--clear')
     assert rc == 1 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err    # the system refused: 1, not 2
     b = tmp_path / 'tracks' / ('b' * 32 + '.npz')
-    assert err == f'ipfacediff: error: could not remove 1 cache file(s) (Permission denied; 2 removed), the first: {b}\n', err
+    assert err == f'ipfacediff: error: could not remove 1 cache file(s) (Permission denied; 2 removed): check the owner and permissions of the first, or remove it by hand: {b}\n', err
     assert [f.path for f in scan_cache(tmp_path)] == [b]                    # the others were removed all the same
 
 

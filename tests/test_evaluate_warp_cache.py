@@ -113,6 +113,7 @@ def test_raft_fingerprint_names_the_device_and_versions(tmp_path, monkeypatch):
     prints = {}
     for gpu in (False, True):
         monkeypatch.setattr(torch.cuda, 'is_available', lambda gpu=gpu: gpu)
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'NVIDIA H100 80GB HBM3')
         prints[gpu] = M.flow_fingerprint('raft')
-    assert prints[False] != prints[True] and 'cuda' in prints[True] and 'torchvision 0.28.0' in prints[False]
+    assert prints[False] != prints[True] and 'cuda NVIDIA H100' in prints[True] and 'torchvision 0.28.0' in prints[False]
     assert f'torch {torch.__version__}' in prints[False] and w.name in prints[False]
