@@ -4,7 +4,7 @@
 
 # %% ../nbs/03a_embedders.ipynb #85c7a3f8
 from __future__ import annotations
-import hashlib, importlib.util, os, re, subprocess, sys, tarfile, tempfile, warnings
+import hashlib, importlib.util, os, re, shutil, subprocess, sys, tarfile, tempfile, time, warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -123,6 +123,10 @@ def fetch_face_recognition_images(cache_dir=None, timeout: float = 300) -> dict:
         for p in paths.values(): mark_used(p)                   # `ipfacediff cache --older-than` counts from the last use
         return paths
     d.mkdir(parents=True, exist_ok=True)
+    for old in d.glob('tmp*'):                                  # a download killed midway (over an hour ago) left its folder
+        try:
+            if old.is_dir() and not old.is_symlink() and old.stat().st_mtime < time.time() - 3600: shutil.rmtree(old, ignore_errors=True)
+        except OSError: pass
     with tempfile.TemporaryDirectory(dir=d) as tmp:
         cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
                'face_recognition==1.3.0', '-d', tmp, '-q', '--disable-pip-version-check', '--retries', '2', '--timeout', '30']

@@ -132,3 +132,18 @@ def test_missing_or_file_cache_folder(tmp_path):
     (tmp_path / 'f').write_text('x')
     r = cli(['cache'], tmp_path / 'f', tmp_path)
     assert r.returncode == 2 and 'the cache folder' in r.stderr and 'is a file' in r.stderr
+
+
+def test_a_killed_photo_download_is_cleaned_up_by_the_next(tmp_path, monkeypatch):
+    "`fetch_face_recognition_images` downloads into a temporary folder beside the photos: one left by a kill goes at the next download."
+    import subprocess as sp
+    from ipfacediff import embedders as E
+    from ipfacediff.utils import UserError
+    d = tmp_path / 'face_recognition_images'
+    stale, fresh = d / 'tmpk1ll3d_0', d / 'tmpn0wn0w_1'
+    for f in (stale, fresh): f.mkdir(parents=True); (f / 'face_recognition-1.3.0.tar.gz').write_bytes(b'part')
+    os.utime(stale, (time.time() - 7200,) * 2)
+    monkeypatch.setattr(E.subprocess, 'run', lambda *a, **k: sp.CompletedProcess(a, 1, '', 'ERROR: no network here'))
+    with pytest.raises(UserError, match='no network here'): E.fetch_face_recognition_images(tmp_path)
+    assert not stale.exists() and fresh.exists()               # another download may be filling that one now
+    assert sorted(p.name for p in d.iterdir()) == [fresh.name]  # and the failed one left nothing
