@@ -53,3 +53,15 @@ def evaluate_report(folder) -> dict:
             d = json.loads(t); d.pop('timing'); t = json.dumps(d, sort_keys=True)
         out[str(p.relative_to(folder))] = t
     return out
+
+def orig_and_edit(root, n_frames: int, wh: tuple) -> np.ndarray:
+    "`root`/orig/clip.mp4: the sample's first `n_frames` at `wh` (W, H), 10 fps; `root`/ed/clip.mp4: their colour-shifted copy. The frames."
+    from ipfacediff.metrics import degrade
+    from ipfacediff.utils import data_path
+    from ipfacediff.video import read_video, write_video
+    fr = read_video(data_path('sample.mp4'), max_frames=n_frames, progress=False)[0]
+    fr = np.stack([cv2.resize(f, wh, interpolation=cv2.INTER_AREA) for f in fr])
+    for d in ('orig', 'ed'): (root / d).mkdir()
+    write_video(root / 'orig' / 'clip.mp4', fr, 10, progress=False)
+    write_video(root / 'ed' / 'clip.mp4', degrade(fr, 'color', seed=1), 10, progress=False)
+    return fr

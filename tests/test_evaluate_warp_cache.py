@@ -10,19 +10,15 @@ from ipfacediff.cli import main
 from ipfacediff.utils import data_path
 from ipfacediff.video import read_video, write_video
 
-from shared import evaluate_report
+from shared import evaluate_report, orig_and_edit
 
 
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
     "orig/clip.mp4 (16 frames, 320×180), a still distractor, and one method's edit of the clip."
     root = tmp_path_factory.mktemp('warpcache')
-    fr = read_video(data_path('sample.mp4'), max_frames=16, progress=False)[0]
-    fr = np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in fr])
-    for d in ('orig', 'ed'): (root / d).mkdir()
-    write_video(root / 'orig' / 'clip.mp4', fr, 10, progress=False)
+    fr = orig_and_edit(root, 16, (320, 180))
     cv2.imwrite(str(root / 'orig' / 'still.png'), cv2.cvtColor(fr[3], cv2.COLOR_RGB2BGR))
-    write_video(root / 'ed' / 'clip.mp4', M.degrade(fr, 'color', seed=1), 10, progress=False)
     return root, fr
 
 

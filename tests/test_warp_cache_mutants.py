@@ -14,16 +14,14 @@ from ipfacediff.cli import main
 from ipfacediff.utils import data_path
 from ipfacediff.video import read_video, write_video
 
+from shared import orig_and_edit
+
 
 @pytest.fixture(scope='module')
 def clip(tmp_path_factory):
     "orig/clip.mp4 (10 frames at 10 fps, 160×90) and ed/clip.mp4, an edit of it; the frames of both."
     root = tmp_path_factory.mktemp('warpmut')
-    fr = read_video(data_path('sample.mp4'), max_frames=10, progress=False)[0]
-    fr = np.stack([cv2.resize(f, (160, 90), interpolation=cv2.INTER_AREA) for f in fr])
-    for d in ('orig', 'ed'): (root / d).mkdir()
-    write_video(root / 'orig' / 'clip.mp4', fr, 10, progress=False)
-    write_video(root / 'ed' / 'clip.mp4', M.degrade(fr, 'color', seed=1), 10, progress=False)
+    orig_and_edit(root, 10, (160, 90))
     return root
 
 
