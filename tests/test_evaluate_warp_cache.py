@@ -1,14 +1,12 @@
 "`evaluate(cache_dir=...)` keeps the warp errors too: a second evaluation computes no optical flow and reports the same numbers."
 import json, os
-from pathlib import Path
 import cv2, numpy as np, pytest
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from ipfacediff import metrics as M
 from ipfacediff.cli import main
-from ipfacediff.utils import data_path
-from ipfacediff.video import read_video, write_video
+from ipfacediff.video import write_video
 
 from shared import evaluate_report, orig_and_edit
 

@@ -3,7 +3,7 @@
 Each test names the mutants of `ipfacediff/metrics.py` it kills. A cached result must be the number a fresh
 computation gives, bit for bit, for every setting the frames or the flow depend on — and only those: equal
 settings (fps 10 and 10.0) share one file, and a cache that is read back is counted as read."""
-import json, os, warnings
+import json, os
 from pathlib import Path
 import cv2, numpy as np, pytest
 
@@ -11,8 +11,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from ipfacediff import metrics as M, video as V
 from ipfacediff.cli import main
-from ipfacediff.utils import data_path
-from ipfacediff.video import read_video, write_video
+from ipfacediff.video import write_video
 
 from shared import orig_and_edit
 
