@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import numpy as np, cv2, torch
 from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
-from .utils import (UserError, IMAGE_EXTS, atomic_dir, atomic_output, usable_cache_dir, check_report_folder, rgb_image,
-                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map, mark_used, read_settings)
+from .utils import (UserError, IMAGE_EXTS, atomic_dir, usable_cache_dir, check_report_folder, rgb_image,
+                              weights_fingerprint, writing, save_figure, cpu_workers, ordered_map, mark_used, read_settings, write_cache)
 
 # %% auto #0
 __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes', 'face_crops', 'cosine_distance',
@@ -603,12 +603,8 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
     todo = {k: e for k, e in embedders.items() if k not in out}
     if stats is not None: stats.cached += len(out); stats.computed += len(todo)
     def save(k, fe, no_face=''):                                 # a cache only saves time: a failed write (a full disk) is a warning
-        try:
-            with atomic_output(keys[k], overwrite=True) as tmp, writing(keys[k], rename=True):
-                np.savez(tmp, frames=fe.frames, detected=fe.detected, boxes=fe.boxes, no_face=np.array(no_face))
-        except OSError as e:
-            warnings.warn(f"could not write the embedding cache file {keys[k]} ({e.strerror or e}): the evaluation goes on; "
-                          "the next one computes it again")
+        write_cache(keys[k], lambda tmp: np.savez(tmp, frames=fe.frames, detected=fe.detected, boxes=fe.boxes, no_face=np.array(no_face)),
+                    'embedding', task='evaluation')
     if todo:
         if frames is None: frames = media_frames(path, fps, max_frames, stream)[0]
         try: new = embed_frames(frames, todo, size=size, batch_size=batch_size, reference_boxes=reference_boxes, progress=progress)
@@ -666,12 +662,7 @@ def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool 
     if frames is None: frames = media_frames(path, fps, max_frames)[0]
     if len(frames) < 2: errs = np.zeros(0)                 # a still has no consecutive pair: no warp error
     else: errs = warp_error(frames, flow, occlusion_mask, return_per_frame=True, progress=progress)[1]
-    if key is not None:                                     # a cache only saves time: a failed write is a warning
-        try:
-            with atomic_output(key, overwrite=True) as tmp, writing(key, rename=True): np.savez(tmp, errors=errs)
-        except OSError as e:
-            warnings.warn(f"could not write the warp error cache file {key} ({e.strerror or e}): the evaluation goes on; "
-                          "the next one computes it again")
+    if key is not None: write_cache(key, lambda tmp: np.savez(tmp, errors=errs), 'warp error', task='evaluation')   # a failed write: a warning
     return _warp_mean(errs), errs
 
 # %% ../nbs/10_metrics.ipynb #f75f6b99

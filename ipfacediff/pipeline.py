@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
 from .utils import (UserError, atomic_output, resolve_device, resolve_dtype, _check_target, to_device, usable_cache_dir,
-                              device_timestep, weights_fingerprint, check_seed, writing, cache_folder, default_cache_dir, mark_used, read_settings)
+                              device_timestep, weights_fingerprint, check_seed, writing, cache_folder, default_cache_dir, mark_used, read_settings,
+                              write_cache)
 from .ddim import ddim_timesteps, ddim_step, ddim_invert
 from .models import (SDComponents, move, DEFAULT_MODEL, load_components, load_branch, local_branch, check_adapter_keys, tiny_components,
                                encode_prompt, vae_encode, vae_decode, lora_layers, check_no_adapters, _ADAPTERS_PRESENT)
@@ -25,7 +26,7 @@ from .metrics import StageTimer, content_hash
 
 # %% auto #0
 __all__ = ['NEGATIVE_PROMPT', 'TRACK_CACHE_VERSION', 'INVERSION_CACHE_VERSION', 'VIDEO_OUT_EXTS', 'EditConfig', 'unet_budget',
-           'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents', 'write_cache', 'invert',
+           'cache_key', 'EditResult', 'IPFaceDiffPipeline', 'encode_crops', 'decode_latents', 'invert',
            'keyframe_groups', 'merge_keyframes', 'edit_step', 'edit_latents', 'face_track', 'check_outputs',
            'encode_frames', 'write_edited', 'edit', 'edit_video', 'is_lora_dir', 'rows_routable', 'AdapterRows',
            'load_adapter_pair', 'optimize', 'check_tiny_flags', 'run_edit', 'add_cli']
@@ -214,16 +215,6 @@ def decode_latents(self: IPFaceDiffPipeline, z0: torch.Tensor, batch_size: int =
 IPFaceDiffPipeline.encode_crops, IPFaceDiffPipeline.decode_latents = encode_crops, decode_latents
 
 # %% ../nbs/09_pipeline.ipynb #833bd545
-def write_cache(path: Path, write, what: str) -> bool:
-    "Write the cache file `path` through `write(tmp)`, whole or not at all; a failure is a warning (False), not the end of the edit."
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path, overwrite=True) as tmp, writing(path, rename=True): write(tmp)
-        return True
-    except OSError as e:
-        warnings.warn(f"could not write the {what} cache file {path} ({e.strerror or e}): the edit goes on; the next one computes it again")
-        return False
-
 @torch.no_grad()
 def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str | None = None) -> tuple[dict, bool]:
     """{t: z_t^src (N, 4, h, w) on CPU} by DDIM inversion of z0 with ε1 (z_T float32, the rest in the networks' dtype);

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_utils.ipynb #99ea2755
 from __future__ import annotations
-import collections, contextlib, copy, errno, functools, hashlib, importlib.util, os, re, shutil, tempfile, random
+import collections, contextlib, copy, errno, functools, hashlib, importlib.util, os, re, shutil, tempfile, random, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, torch
@@ -12,9 +12,9 @@ import numpy as np, torch
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'UserError', 'data_dir', 'data_path', 'check_writable', 'atomic_output', 'atomic_dir', 'writing',
            'file_size_limit', 'save_figure', 'default_cache_dir', 'cache_folder', 'read_settings', 'usable_cache_dir',
-           'mark_used', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers', 'ordered_map', 'rgb_image',
-           'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint', 'to_device',
-           'device_timestep']
+           'mark_used', 'write_cache', 'inside', 'check_report_folder', 'check_seed', 'cpu_workers', 'ordered_map',
+           'rgb_image', 'resolve_device', 'resolve_dtype', 'seed_everything', 'seeded', 'weights_fingerprint',
+           'to_device', 'device_timestep']
 
 # %% ../nbs/00a_utils.ipynb #862d94ae
 class UserError(Exception):
@@ -169,6 +169,18 @@ def mark_used(path) -> None:
     "Set a cache file's modification time to now (its last use); nothing if that is not allowed."
     try: os.utime(path)
     except OSError: pass
+
+# %% ../nbs/00a_utils.ipynb #bf94c85d
+def write_cache(path, write, what: str, task: str = 'edit') -> bool:
+    "Write the cache file `path` through `write(tmp)`, whole or not at all; a failure is a warning (False), not the end of the `task`."
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path, overwrite=True) as tmp, writing(path, rename=True): write(tmp)
+        return True
+    except OSError as e:
+        warnings.warn(f"could not write the {what} cache file {path} ({e.strerror or e}): the {task} goes on; the next one computes it again")
+        return False
 
 # %% ../nbs/00a_utils.ipynb #c030f87d
 def inside(path, folder) -> bool:
