@@ -25,7 +25,7 @@ setup(
                  'Development Status :: 3 - Alpha', 'Intended Audience :: Developers'],
     keywords=c['keywords'],
     python_requires=f">={c['min_python']}",
-    # the shipped assets in data/ (sample clip, tiny tokenizer, prompt lists, small weights) become
+    # the shipped assets in data/ (sample clip, tiny tokenizer, prompt table) become
     # the subpackage ipfacediff.data in an installed wheel; a checkout reads them from data/ directly
     packages=['ipfacediff', 'ipfacediff.data'],
     package_dir={'ipfacediff': 'ipfacediff', 'ipfacediff.data': 'data'},

@@ -37,7 +37,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None        # None → rank
     lora_targets: tuple = ('to_q', 'to_k', 'to_v', 'to_out.0')
     steps: int = 30_000                    # optimizer steps (iterations)
-    batch_size: int = 16                   # per optimizer step and process... see `global batch` below
+    batch_size: int = 16                   # per process and micro-batch (per optimizer step × grad_accum; global × processes)
     lr: float | None = None                # None → 1e-5 full fine-tuning (paper §5.1), 1e-4 LoRA
     weight_decay: float = 1e-2
     warmup_steps: int = 0
