@@ -120,7 +120,7 @@ def oom_words(e: BaseException) -> str:
     return re.sub(r'(\d)\. ([KMGTP]iB)', r'\1 \2', re.sub(r'^Unable to allocate', 'could not allocate', msg))   # numpy's "117. MiB"
 
 def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
-    "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation, 2 bad input, 130 interrupted, 143 terminated)."
+    "Run the CLI; returns the exit code (0 ok, 1 the system refused a file operation or memory ran out, 2 bad input, 130 interrupted, 143 terminated)."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--version']:  # answer without importing torch
         print(f'ipfacediff {__version__}'); return 0
