@@ -28,6 +28,7 @@ _FOLDERS = ('', 'inversion', 'tracks', 'embeddings')         # where the keyed f
 _NAME = rf'(?:warp-)?{_KEY}\.(?:npz|pt)'
 _PARTIAL = rf'\.(?:warp-)?{_KEY}\.[a-z0-9_]+\.(?:npz|pt)'     # `atomic_output`'s temporary: mkstemp's '.STEM.' + random + suffix
 _IMAGES = ('face_recognition_images', r'(?:obama[23]?|biden)\.jpg')
+_WARP_FIELDS = {'errors', 'size', 'fps', 'warnings'}            # the video's info (`metrics.MediaInfo`) since it is kept there
 _TRACK_FIELDS = {'landmarks', 'detected', 'quads', 'crop_from_frame', 'frame_from_crop'}
 
 @dataclass
@@ -47,7 +48,7 @@ def _kind_of(p: Path) -> str | None:
             return 'inversion' if ok else None
         with np.load(p, allow_pickle=False) as z: names = set(z.files)   # the zip's directory only
     except Exception: return None
-    if p.name.startswith('warp-'): return 'warp' if names == {'errors'} else None
+    if p.name.startswith('warp-'): return 'warp' if 'errors' in names and names <= _WARP_FIELDS else None
     if _TRACK_FIELDS <= names: return 'tracks'
     return 'embeddings' if {'frames', 'detected', 'boxes'} <= names else None
 

@@ -19,9 +19,9 @@ __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes
            'frame_embeddings', 'video_embedding', 'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank',
            'retrieval_metrics', 'raft_available', 'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id',
            'tg_id', 'clip_image_features', 'clip_direction', 'clip_direction_score', 'StageTimer', 'list_media',
-           'load_media', 'media_frames', 'content_hash', 'FaceEmbeddings', 'embedder_name', 'embed_frames',
-           'embedder_fingerprint', 'EmbedStats', 'embed_media', 'flow_fingerprint', 'media_warp_error', 'Gallery',
-           'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
+           'load_media', 'media_frames', 'MediaInfo', 'read_media', 'content_hash', 'FaceEmbeddings', 'embedder_name',
+           'embed_frames', 'embedder_fingerprint', 'EmbedStats', 'embed_media', 'flow_fingerprint', 'media_warp_error',
+           'cached_media_info', 'Gallery', 'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -504,6 +504,25 @@ def media_frames(path, fps: float | None = None, max_frames: int | None = None, 
             return v, v.info.fps
     return load_media(path, fps=fps, max_frames=max_frames, return_fps=True)
 
+@dataclass(frozen=True)
+class MediaInfo:
+    "What evaluate takes of a video besides its frames: their count, (height, width), rate (None: a still or image folder), and the warnings reading them gave."
+    n_frames: int
+    size: tuple
+    fps: float | None
+    warnings: tuple = ()
+
+def read_media(path, fps: float | None = None, max_frames: int | None = None, stream: bool | None = None):
+    """`media_frames(path, fps, max_frames, stream)` and its `MediaInfo`: the warnings of reading are shown as ever, and kept in
+    the info (a streamed video's frames are counted here, so a damaged file's warning comes now)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        frames, rate = media_frames(path, fps, max_frames, stream)
+        info = MediaInfo(len(frames), tuple(int(v) for v in frames.shape[1:3]), None if rate is None else float(rate),
+                         tuple(str(w.message) for w in caught))
+    for w in caught: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)    # shown as if never caught
+    return frames, info
+
 def content_hash(path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, or of a folder's images (names and bytes, in order)."
     h, path = hashlib.sha256(), Path(path)
@@ -571,6 +590,13 @@ def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
+def _embedding_keys(cache_dir, digest: str, embedders: dict, fps, max_frames, size: int, reference_boxes) -> dict:
+    "{recognizer: its cache file} for one video read with these settings (not made, not checked)."
+    settings = {**read_settings(fps, max_frames), 'size': int(size),
+                'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
+    return {k: Path(cache_dir) / f'{_cache_key(digest, embedder_fingerprint(e), settings)}.npz'   # keyed by what the recognizer is,
+            for k, e in embedders.items()}                                                      # not what it is called
+
 @dataclass
 class EmbedStats:
     "How many cachable results — (item, recognizer) embeddings, or warp errors — were computed and how many came from the cache."
@@ -582,14 +608,10 @@ def embed_media(path, embedders: dict, cache_dir=None, fps: float | None = None,
                 reference_boxes=None, progress: bool = False, digest: str | None = None, stream: bool | None = None) -> dict:
     """`{recognizer: FaceEmbeddings}` of a video/still/image folder, read from and written to `cache_dir` when given (`digest`: its
     `content_hash`, if known; `frames`: its frames, if already read; else read as `media_frames(path, fps, max_frames, stream)`)."""
-    settings = {**read_settings(fps, max_frames), 'size': int(size),
-                'reference': None if reference_boxes is None else hashlib.sha256(np.ascontiguousarray(reference_boxes, np.float64).tobytes()).hexdigest()}
     out, keys = {}, {}
     if cache_dir is not None:
-        cache_dir = usable_cache_dir(cache_dir)
-        digest = digest or content_hash(path)
-        for k, e in embedders.items():                         # keyed by what the recognizer is, not what it is called
-            keys[k] = cache_dir / f'{_cache_key(digest, embedder_fingerprint(e), settings)}.npz'
+        keys = _embedding_keys(usable_cache_dir(cache_dir), digest or content_hash(path), embedders, fps, max_frames, size, reference_boxes)
+        for k in embedders:
             if keys[k].exists():
                 try:
                     with np.load(keys[k]) as z:
@@ -638,26 +660,64 @@ def flow_fingerprint(flow: str) -> str:
     dev = f'cuda {torch.cuda.get_device_name()}' if torch.cuda.is_available() else 'cpu'
     return f'raft:torchvision {torchvision.__version__}:torch {torch.__version__}:{dev}:{p.name}:{p.stat().st_size}'
 
+def _warp_key(cache_dir, digest: str, flow: str, occlusion_mask: bool, fps, max_frames) -> Path:
+    "The warp error's cache file for one video under these settings (not made, not checked)."
+    from ipfacediff.video import DECODE_RULES          # the same file decoded by other rules gives other frames
+    blob = json.dumps({'v': _WARP_CACHE_VERSION, 'content': digest, 'flow': flow_fingerprint(flow), 'code': _eq7_code(),
+                       'occlusion_mask': bool(occlusion_mask), **read_settings(fps, max_frames), 'decode': DECODE_RULES},
+                      sort_keys=True)
+    return Path(cache_dir) / f'warp-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.npz'
+
+def _load_warp(key: Path):
+    "(per-pair errors, `MediaInfo` or None when the file has none) from a warp cache file; None if it cannot be read."
+    try:
+        with np.load(key, allow_pickle=False) as z:
+            errs = np.asarray(z['errors'], np.float64)
+            info = None
+            if {'size', 'fps', 'warnings'} <= set(z.files):
+                fps = float(z['fps'])
+                info = MediaInfo(len(errs) + 1, tuple(int(v) for v in z['size']), None if math.isnan(fps) else fps,
+                                 tuple(str(w) for w in z['warnings']))
+    except Exception: return None
+    return (errs, info) if errs.ndim == 1 else None
+
 def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None,
                      max_frames: int | None = None, cache_dir=None, digest: str | None = None, stats: EmbedStats | None = None,
-                     progress: bool = False) -> tuple[float, np.ndarray]:
+                     progress: bool = False, info: MediaInfo | None = None) -> tuple[float, np.ndarray]:
     """Eq. 7 of the video `path` read with `fps`, `max_frames`: (mean, per-pair errors `(T−1,)`); NaN and no pairs for one frame.
-    `frames`: its frames if already read (else read when needed); with `cache_dir`, read from / written to the cache (see above)."""
-    key = None
+    `frames`: its frames if already read (else read when needed); with `cache_dir`, read from / written to the cache (see above),
+    together with `info`, the video's `MediaInfo` (`read_media`), when given."""
+    key, n = None, len(frames) if frames is not None else info.n_frames if info is not None else None
     if cache_dir is not None:
-        from ipfacediff.video import DECODE_RULES          # the same file decoded by other rules gives other frames
-        blob = json.dumps({'v': _WARP_CACHE_VERSION, 'content': digest or content_hash(path), 'flow': flow_fingerprint(flow), 'code': _eq7_code(),
-                           'occlusion_mask': bool(occlusion_mask), **read_settings(fps, max_frames), 'decode': DECODE_RULES},
-                          sort_keys=True)
-        key = usable_cache_dir(cache_dir) / f'warp-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.npz'
-        if key.exists():
-            try:
-                with np.load(key) as z: errs = np.asarray(z['errors'], np.float64)
-            except Exception: errs = None                   # unreadable: computed again
-            if errs is not None and errs.ndim == 1 and (frames is None or len(errs) == max(len(frames) - 1, 0)):
-                mark_used(key)
-                if stats is not None: stats.cached += 1
-                return _warp_mean(errs), errs
+        key = _warp_key(usable_cache_dir(cache_dir), digest or content_hash(path), flow, occlusion_mask, fps, max_frames)
+        got = _load_warp(key) if key.exists() else None      # unreadable: computed again
+        if got is not None and (n is None or len(got[0]) == max(n - 1, 0)):
+            errs = got[0]
+            if got[1] is None and info is not None: _save_warp(key, errs, info, quiet=True)   # an older file: the video's info added
+            else: mark_used(key)
+            if stats is not None: stats.cached += 1
+            return _warp_mean(errs), errs
+    if stats is not None: stats.computed += 1
+    if frames is None: frames = media_frames(path, fps, max_frames)[0]
+    if len(frames) < 2: errs = np.zeros(0)                 # a still has no consecutive pair: no warp error
+    else: errs = warp_error(frames, flow, occlusion_mask, return_per_frame=True, progress=progress)[1]
+    if key is not None: _save_warp(key, errs, info)         # a failed write: a warning
+    return _warp_mean(errs), errs
+
+def _save_warp(key: Path, errs: np.ndarray, info: MediaInfo | None, quiet: bool = False):
+    "Write a warp cache file (with the video's info when known); `quiet`: a failed write says nothing (the file was read fine)."
+    extra = {} if info is None else {'size': np.array(info.size), 'fps': np.array(np.nan if info.fps is None else info.fps),
+                                     'warnings': np.array(info.warnings, dtype=str)}
+    with warnings.catch_warnings():
+        if quiet: warnings.simplefilter('ignore')
+        write_cache(key, lambda tmp: np.savez(tmp, errors=errs, **extra), 'warp error', task='evaluation')
+
+def cached_media_info(cache_dir, digest: str, flow: str = 'dis', occlusion_mask: bool = False, fps: float | None = None,
+                      max_frames: int | None = None) -> MediaInfo | None:
+    "The `MediaInfo` stored with a video's warp errors under these settings, or None (not cached, or cached without it)."
+    key = _warp_key(cache_dir, digest, flow, occlusion_mask, fps, max_frames)
+    got = _load_warp(key) if key.is_file() else None
+    return None if got is None else got[1]
     if stats is not None: stats.computed += 1
     if frames is None: frames = media_frames(path, fps, max_frames)[0]
     if len(frames) < 2: errs = np.zeros(0)                 # a still has no consecutive pair: no warp error
@@ -846,26 +906,42 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         with timer('clip direction'), torch.no_grad(): clip_dir = text_direction(clip, prompt, source_prompt)[0]
     log: list[str] = []
     def warn(msg): log.append(msg); warnings.warn(msg)
-    stats, wstats = EmbedStats(), EmbedStats()
-    kw = dict(fps=fps, max_frames=max_frames, batch_size=batch_size, stats=stats, stream=stream, progress=progress)  # bars within a video too
-    def _we(p, x, digest):                              # a still has no consecutive pair: no warp error
-        return media_warp_error(p, x, flow, occlusion_mask, fps, max_frames, cache_dir, digest, wstats, progress)
+    stats, wstats, decoded = EmbedStats(), EmbedStats(), EmbedStats()
+    crop = 512                                          # the recognizers' crop size: part of the embeddings' cache key
+    kw = dict(fps=fps, max_frames=max_frames, size=crop, batch_size=batch_size, stats=stats, stream=stream, progress=progress)  # bars within a video too
+    def _we(p, x, digest, info):                        # a still has no consecutive pair: no warp error
+        return media_warp_error(p, x, flow, occlusion_mask, fps, max_frames, cache_dir, digest, wstats, progress, info)
+    def read(p, digest, reference=None):
+        """(frames, MediaInfo) of a video; (None, MediaInfo) without decoding it when everything taken from its frames — its
+        embeddings (`reference(size)`: the boxes they are found near) and warp error, with its info — is in the cache."""
+        info = None
+        if cache_dir is not None and clip is None:      # the CLIP score needs the frames themselves
+            info = cached_media_info(cache_dir, digest, flow, occlusion_mask, fps, max_frames)
+            if info is not None:
+                ref = None if reference is None else reference(info.size)
+                if not all(k.is_file() for k in _embedding_keys(cache_dir, digest, embs, fps, max_frames, crop, ref).values()): info = None
+        if info is not None:
+            decoded.cached += 1
+            for m in info.warnings: warnings.warn(m)    # what reading it warned of, as a read would
+            return None, info
+        decoded.computed += 1
+        with timer('read video'): return read_media(p, fps, max_frames, stream)
     # originals: what the edits are compared with (size, warp error, CLIP features) is taken while their frames are read
     needed = {n for items in methods.values() for n in items}
     orig_seen, orig_emb, orig_hash, warp_orig, clip_orig = {}, {}, {}, {}, {}
     for n, p in tqdm(originals.items(), desc='originals', disable=not progress):
         fr = None                                       # the previous original's frames go before the next are read
-        if n in needed:
-            with timer('read video'): fr, rate = media_frames(p, fps, max_frames, stream)
-            orig_seen[n] = {'n_frames': len(fr), 'size': list(fr.shape[1:3]), 'fps': rate}
         orig_hash[n] = content_hash(p)
+        if n in needed:
+            fr, info = read(p, orig_hash[n])
+            orig_seen[n] = {'n_frames': info.n_frames, 'size': list(info.size), 'fps': info.fps}
         with timer('faces + embeddings'):
             try: orig_emb[n] = embed_media(p, embs, cache_dir, frames=fr, digest=orig_hash[n], **kw)
             except UserError as e:              # an original no edit is paired with is only a distractor in the ranking
                 if n in needed: raise
                 warn(f"original {n} (no edit of it given): {'no face found' if 'no face' in str(e) else e}, left out of the gallery"); continue
-        if fr is None: continue
-        with timer('warp error'): warp_orig[n] = _we(p, fr, orig_hash[n])
+        if n not in needed: continue
+        with timer('warp error'): warp_orig[n] = _we(p, fr, orig_hash[n], info)
         if clip is not None:                    # f_I of the original's faces, where the identity metrics found them
             with timer('clip direction'):
                 clip_orig[n] = torch.cat([clip_image_features(c, clip) for c in crop_batches(fr, orig_emb[n][recs[0]].boxes)])
@@ -898,24 +974,25 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
         videos = {}
         for n, p in tqdm(items.items(), desc=f'{m}', disable=not progress):
             ef = None                                   # the previous edit's frames go before the next are read
-            with timer('read video'): ef, ef_fps = media_frames(p, fps, max_frames, stream)
             of = orig_seen[n]
             o_emb = orig_emb[n]
-            to_edit = lambda b: _scale_boxes(b, of['size'], ef.shape[1:3])     # the original's boxes on the edit's frames
+            to_edit = lambda size: _scale_boxes(o_emb[recs[0]].boxes, of['size'], size)   # the original's boxes on the edit's frames
+            h = content_hash(p) if cache_dir is not None else None          # the key of its caches
+            ef, info = read(p, h, to_edit)
+            ne, ef_fps = info.n_frames, info.fps
             with timer('faces + embeddings'):
-                h = content_hash(p) if cache_dir is not None else None      # the key of both its caches
-                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=to_edit(o_emb[recs[0]].boxes), digest=h, **kw)
+                try: e_emb = embed_media(p, embs, cache_dir, frames=ef, reference_boxes=to_edit(info.size), digest=h, **kw)
                 except UserError as e:                 # the edit destroyed the face: scored as a failed edit, not a crash
                     if 'no face' not in str(e): raise
-                    e_emb = {r: FaceEmbeddings(np.full((len(ef), o_emb[r].frames.shape[1]), np.nan), np.zeros(len(ef), bool),
-                                               np.full((len(ef), 4), np.nan)) for r in recs}
+                    e_emb = {r: FaceEmbeddings(np.full((ne, o_emb[r].frames.shape[1]), np.nan), np.zeros(ne, bool),
+                                               np.full((ne, 4), np.nan)) for r in recs}
             face = bool(e_emb[recs[0]].detected.any())
-            nmin = min(len(ef), of['n_frames'])
-            v = {'n_frames_original': of['n_frames'], 'n_frames_edited': len(ef), 'n_frames_compared': nmin,
-                 'size_original': of['size'], 'size_edited': list(ef.shape[1:3]),
+            nmin = min(ne, of['n_frames'])
+            v = {'n_frames_original': of['n_frames'], 'n_frames_edited': ne, 'n_frames_compared': nmin,
+                 'size_original': of['size'], 'size_edited': list(info.size),
                  'fps_original': of['fps'], 'fps_edited': ef_fps, 'face_found': face}
-            if len(ef) != of['n_frames']:
-                warn(f"{m}/{n}: the edit has {len(ef)} frames, the original {of['n_frames']}: both truncated to the first {nmin} "
+            if ne != of['n_frames']:
+                warn(f"{m}/{n}: the edit has {ne} frames, the original {of['n_frames']}: both truncated to the first {nmin} "
                      f"for per-frame comparisons")
             ot = {r: o_emb[r].truncate(nmin) for r in recs}; et = {r: e_emb[r].truncate(nmin) for r in recs}
             d0, d1 = ot[recs[0]].detected, et[recs[0]].detected
@@ -923,9 +1000,9 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             v['frames_without_face_edited'] = int((~e_emb[recs[0]].detected).sum())
             both = d0 & d1
             if not face:
-                warn(f"{m}/{n}: no face found in any of the {len(ef)} edited frames: a miss in R@1/MRR (rank ∞), left out of the distances")
+                warn(f"{m}/{n}: no face found in any of the {ne} edited frames: a miss in R@1/MRR (rank ∞), left out of the distances")
             elif v['frames_without_face_edited']:
-                warn(f"{m}/{n}: no face found in {v['frames_without_face_edited']} of {len(ef)} edited frames; they are skipped")
+                warn(f"{m}/{n}: no face found in {v['frames_without_face_edited']} of {ne} edited frames; they are skipped")
             v['identity'], pf = {}, {}
             for r in recs:
                 fd = np.full(nmin, np.nan)
@@ -935,7 +1012,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                                     'mean_frame_cosine_distance': _nanmean(fd),
                                     'query': e_emb[r].embedding if face else None}
             per_frame[(m, n)] = pf
-            with timer('warp error'): we, wpf = _we(p, ef, h)
+            with timer('warp error'): we, wpf = _we(p, ef, h, info)
             wo, wopf = warp_orig[n]
             v['warp_error'], v['warp_error_original'] = we, wo
             r0 = recs[0]
@@ -943,7 +1020,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                 try: v[k] = f(e_emb[r0].frames, o_emb[r0].frames)
                 except UserError as e:                     # a still has no frame pairs: blank without a warning
                     v[k] = None
-                    if face and len(ef) > 1: warn(f"{m}/{n}: {k.upper().replace('_', '-')} left blank (—) because {e}")
+                    if face and ne > 1: warn(f"{m}/{n}: {k.upper().replace('_', '-')} left blank (—) because {e}")
             v['clip_direction'] = None
             if clip is not None and both.any():           # frames where the original and the edit both show a face
                 with timer('clip direction'):
@@ -960,7 +1037,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             for t in range(nmin):
                 row = {'frame': t, 'face_original': int(d0[t]), 'face_edited': int(d1[t])}
                 for r in recs: row[f'cosine_distance_{r}'] = pf[r][t]
-                row['warp_error_edited'] = wpf[t - 1] if 0 < t < len(ef) else np.nan
+                row['warp_error_edited'] = wpf[t - 1] if 0 < t < ne else np.nan
                 row['warp_error_original'] = wopf[t - 1] if 0 < t < of['n_frames'] else np.nan
                 rows.append(row)
             csv_rows[(m, n)] = rows
@@ -988,6 +1065,7 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
                              'videos': videos}
     res['embeddings'] = {'computed': stats.computed, 'cached': stats.cached}
     res['warp_errors'] = {'computed': wstats.computed, 'cached': wstats.cached}
+    res['decoding'] = {'decoded': decoded.computed, 'skipped': decoded.cached}   # videos not decoded: all their results were cached
     res['timing'] = timer.as_dict()
     t1, t3 = _tables(res)
     def clean(x):
@@ -1053,7 +1131,8 @@ def add_cli(subparsers):
         if a.cache_dir is not None:
             e, w = res['embeddings'], res['warp_errors']
             print(f"cache {a.cache_dir}: face embeddings {e['cached']} read, {e['computed']} computed; "
-                  f"warp errors {w['cached']} read, {w['computed']} computed")
+                  f"warp errors {w['cached']} read, {w['computed']} computed; videos {res['decoding']['skipped']} not decoded (all cached), "
+                  f"{res['decoding']['decoded']} decoded")
         print(f'wrote {a.out}')
     p.set_defaults(func=run)
     return p
