@@ -2,3 +2,17 @@ import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+import pytest
+
+
+@pytest.fixture(scope='module')
+def clip_and_still(tmp_path_factory):
+    "orig/clip.mp4 (16 frames, 320×180), a still distractor orig/still.png, and one method's edit ed/clip.mp4; root and frames."
+    import cv2
+    from shared import orig_and_edit
+    root = tmp_path_factory.mktemp('clipstill')
+    fr = orig_and_edit(root, 16, (320, 180))
+    cv2.imwrite(str(root / 'orig' / 'still.png'), cv2.cvtColor(fr[3], cv2.COLOR_RGB2BGR))
+    return root, fr

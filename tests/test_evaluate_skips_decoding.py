@@ -1,22 +1,17 @@
 "`evaluate(cache_dir=...)` decodes a video only when something computed from its frames is missing from the cache."
 import json, os, shutil
-import cv2, numpy as np, pytest
+import numpy as np, pytest
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from ipfacediff import metrics as M
 from ipfacediff.cli import main
 
-from shared import evaluate_report, orig_and_edit
+from shared import evaluate_report
 
 
 @pytest.fixture(scope='module')
-def folders(tmp_path_factory):
-    "orig/clip.mp4 (16 frames, 320×180), a still distractor, and one method's edit of the clip."
-    root = tmp_path_factory.mktemp('skipdecode')
-    fr = orig_and_edit(root, 16, (320, 180))
-    cv2.imwrite(str(root / 'orig' / 'still.png'), cv2.cvtColor(fr[3], cv2.COLOR_RGB2BGR))
-    return root
+def folders(clip_and_still): return clip_and_still[0]      # conftest: orig/clip.mp4, orig/still.png, ed/clip.mp4
 
 
 @pytest.fixture

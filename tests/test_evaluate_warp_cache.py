@@ -1,6 +1,6 @@
 "`evaluate(cache_dir=...)` keeps the warp errors too: a second evaluation computes no optical flow and reports the same numbers."
 import json, os
-import cv2, numpy as np, pytest
+import numpy as np, pytest
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -8,16 +8,11 @@ from ipfacediff import metrics as M
 from ipfacediff.cli import main
 from ipfacediff.video import write_video
 
-from shared import evaluate_report, orig_and_edit
+from shared import evaluate_report
 
 
 @pytest.fixture(scope='module')
-def folders(tmp_path_factory):
-    "orig/clip.mp4 (16 frames, 320×180), a still distractor, and one method's edit of the clip."
-    root = tmp_path_factory.mktemp('warpcache')
-    fr = orig_and_edit(root, 16, (320, 180))
-    cv2.imwrite(str(root / 'orig' / 'still.png'), cv2.cvtColor(fr[3], cv2.COLOR_RGB2BGR))
-    return root, fr
+def folders(clip_and_still): return clip_and_still
 
 
 @pytest.fixture
