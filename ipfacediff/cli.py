@@ -85,11 +85,13 @@ def _sigterm_as_interrupt():
     finally: signal.signal(signal.SIGTERM, old)
 
 def quiet_libraries():
-    "The progress bars of transformers, diffusers and the hub (loading and saving weights) off: what `--quiet` promises."
+    """The progress bars of transformers, diffusers and the hub (loading and saving weights) off: what `--quiet` promises.
+    Nothing is imported for it (diffusers alone takes seconds, and `evaluate` never needs it): the hub and transformers read
+    HF_HUB_DISABLE_PROGRESS_BARS when they are imported, `models` passes it on to diffusers; one imported already is told here."""
     os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
+    if 'huggingface_hub' in sys.modules: sys.modules['huggingface_hub'].utils.disable_progress_bars()
     for mod in ('transformers.utils.logging', 'diffusers.utils.logging'):
-        try: importlib.import_module(mod).disable_progress_bar()
-        except ImportError: pass
+        if mod in sys.modules: sys.modules[mod].disable_progress_bar()
 
 OOM_HINTS = {                     # what to do, per command, when memory runs out
     'edit': 'give a smaller --batch-size, fewer frames (--max-frames, a lower --fps) or --stream (frames not held); on a GPU, --dtype float16',

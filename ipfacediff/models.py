@@ -11,6 +11,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .utils import UserError, data_path, resolve_device, resolve_dtype, seeded, writing
+import diffusers.utils.logging as _diffusers_logging
+from huggingface_hub.utils import are_progress_bars_disabled
+if are_progress_bars_disabled(): _diffusers_logging.disable_progress_bar()   # `--quiet` (HF_HUB_DISABLE_PROGRESS_BARS): diffusers' bars too
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'SD21_SCHEDULER_CONFIG', 'make_scheduler', 'move', 'SDComponents', 'tiny_tokenizer',
