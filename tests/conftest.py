@@ -16,3 +16,12 @@ def clip_and_still(tmp_path_factory):
     fr = orig_and_edit(root, 16, (320, 180))
     cv2.imwrite(str(root / 'orig' / 'still.png'), cv2.cvtColor(fr[3], cv2.COLOR_RGB2BGR))
     return root, fr
+
+
+@pytest.fixture
+def flows(monkeypatch):
+    "Counts the optical flows `metrics` computes (each pair of the warp error asks for one; two with the occlusion mask)."
+    from ipfacediff import metrics as M
+    calls, real = [], M.compute_flow
+    monkeypatch.setattr(M, 'compute_flow', lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls

@@ -15,14 +15,6 @@ from shared import evaluate_report
 def folders(clip_and_still): return clip_and_still
 
 
-@pytest.fixture
-def flows(monkeypatch):
-    "Counts optical flows computed (each pair of the warp error asks for one)."
-    calls, real = [], M.compute_flow
-    monkeypatch.setattr(M, 'compute_flow', lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 def _strip(report):
     "The report without the cache counters (which say how each number was obtained, not what it is)."
     d = json.loads(report['metrics.json']); d.pop('embeddings'); d.pop('warp_errors'); d.pop('decoding')

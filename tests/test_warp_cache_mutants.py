@@ -24,14 +24,6 @@ def clip(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def flows(monkeypatch):
-    "Counts optical flows computed (each pair of the warp error asks for one; two with the occlusion mask)."
-    calls, real = [], M.compute_flow
-    monkeypatch.setattr(M, 'compute_flow', lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 def _mwe(path, cache, stats=None, frames='read', **kw):
     "`media_warp_error` of `path` with the frames `evaluate` would pass (read with the same fps, max_frames)."
     if isinstance(frames, str): frames = M.load_media(path, fps=kw.get('fps'), max_frames=kw.get('max_frames'))
