@@ -718,12 +718,6 @@ def cached_media_info(cache_dir, digest: str, flow: str = 'dis', occlusion_mask:
     key = _warp_key(cache_dir, digest, flow, occlusion_mask, fps, max_frames)
     got = _load_warp(key) if key.is_file() else None
     return None if got is None else got[1]
-    if stats is not None: stats.computed += 1
-    if frames is None: frames = media_frames(path, fps, max_frames)[0]
-    if len(frames) < 2: errs = np.zeros(0)                 # a still has no consecutive pair: no warp error
-    else: errs = warp_error(frames, flow, occlusion_mask, return_per_frame=True, progress=progress)[1]
-    if key is not None: write_cache(key, lambda tmp: np.savez(tmp, errors=errs), 'warp error', task='evaluation')   # a failed write: a warning
-    return _warp_mean(errs), errs
 
 # %% ../nbs/10_metrics.ipynb #f75f6b99
 @dataclass
