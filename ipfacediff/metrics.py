@@ -19,9 +19,10 @@ __all__ = ['FLOW_METHODS', 'VIDEO_EXTS', 'crops_at', 'crop_batches', 'face_boxes
            'frame_embeddings', 'video_embedding', 'rank_of_truth', 'recall_at_1', 'mean_reciprocal_rank',
            'retrieval_metrics', 'raft_available', 'compute_flow', 'warp', 'fb_consistency_mask', 'warp_error', 'tl_id',
            'tg_id', 'clip_image_features', 'clip_direction', 'clip_direction_score', 'StageTimer', 'list_media',
-           'load_media', 'media_frames', 'MediaInfo', 'read_media', 'content_hash', 'FaceEmbeddings', 'embedder_name',
-           'embed_frames', 'embedder_fingerprint', 'EmbedStats', 'embed_media', 'flow_fingerprint', 'media_warp_error',
-           'cached_media_info', 'Gallery', 'build_gallery', 'degrade', 'evaluate', 'check_folder', 'add_cli']
+           'load_media', 'media_frames', 'MediaInfo', 'read_media', 'replay_warnings', 'content_hash', 'FaceEmbeddings',
+           'embedder_name', 'embed_frames', 'embedder_fingerprint', 'EmbedStats', 'embed_media', 'flow_fingerprint',
+           'media_warp_error', 'cached_media_info', 'Gallery', 'build_gallery', 'degrade', 'evaluate', 'check_folder',
+           'add_cli']
 
 # %% ../nbs/10_metrics.ipynb #6301f329
 def _iou(a, b) -> float:
@@ -510,18 +511,26 @@ class MediaInfo:
     n_frames: int
     size: tuple
     fps: float | None
-    warnings: tuple = ()
+    warnings: tuple = ()     # ours, with the file's name as `{video}` (`replay_warnings` puts it back)
+
+_VIDEO = '{video}'    # the file's name in a kept warning: the same bytes may come back under another name
 
 def read_media(path, fps: float | None = None, max_frames: int | None = None, stream: bool | None = None):
-    """`media_frames(path, fps, max_frames, stream)` and its `MediaInfo`: the warnings of reading are shown as ever, and kept in
-    the info (a streamed video's frames are counted here, so a damaged file's warning comes now)."""
+    """`media_frames(path, fps, max_frames, stream)` and its `MediaInfo`: the warnings of reading are shown as ever, and ours
+    (`UserWarning`s, the file's name in them as `{video}`) are kept in the info (a streamed video's frames are counted here,
+    so a damaged file's warning comes now)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         frames, rate = media_frames(path, fps, max_frames, stream)
-        info = MediaInfo(len(frames), tuple(int(v) for v in frames.shape[1:3]), None if rate is None else float(rate),
-                         tuple(str(w.message) for w in caught))
+        n, size = len(frames), tuple(int(v) for v in frames.shape[1:3])
     for w in caught: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)    # shown as if never caught
-    return frames, info
+    kept = tuple(str(w.message).replace(str(path), _VIDEO).replace(Path(path).name, _VIDEO) for w in caught
+                 if issubclass(w.category, UserWarning))    # another library's (a ResourceWarning) is not ours to repeat
+    return frames, MediaInfo(n, size, None if rate is None else float(rate), kept)
+
+def replay_warnings(info: MediaInfo, path) -> None:
+    "Show again the warnings that reading `path` gave (`read_media`), as if it had been read now."
+    for m in info.warnings: warnings.warn(m.replace(_VIDEO, Path(path).name))
 
 def content_hash(path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, or of a folder's images (names and bytes, in order)."
@@ -589,6 +598,12 @@ def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
                        'decode': DECODE_RULES, **settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+def _readable(key: Path) -> bool:
+    "Whether an embedding cache file is there and holds what `embed_media` reads from it (a damaged one is computed again)."
+    try:
+        with np.load(key, allow_pickle=False) as z: return {'frames', 'detected', 'boxes'} <= set(z.files)
+    except Exception: return False
 
 def _embedding_keys(cache_dir, digest: str, embedders: dict, fps, max_frames, size: int, reference_boxes) -> dict:
     "{recognizer: its cache file} for one video read with these settings (not made, not checked)."
@@ -693,8 +708,8 @@ def media_warp_error(path, frames=None, flow: str = 'dis', occlusion_mask: bool 
         got = _load_warp(key) if key.exists() else None      # unreadable: computed again
         if got is not None and (n is None or len(got[0]) == max(n - 1, 0)):
             errs = got[0]
+            mark_used(key)
             if got[1] is None and info is not None: _save_warp(key, errs, info, quiet=True)   # an older file: the video's info added
-            else: mark_used(key)
             if stats is not None: stats.cached += 1
             return _warp_mean(errs), errs
     if stats is not None: stats.computed += 1
@@ -913,10 +928,10 @@ def evaluate(original, edited, out, gallery=None, recognizers='dlib', rank_metri
             info = cached_media_info(cache_dir, digest, flow, occlusion_mask, fps, max_frames)
             if info is not None:
                 ref = None if reference is None else reference(info.size)
-                if not all(k.is_file() for k in _embedding_keys(cache_dir, digest, embs, fps, max_frames, crop, ref).values()): info = None
+                if not all(_readable(k) for k in _embedding_keys(cache_dir, digest, embs, fps, max_frames, crop, ref).values()): info = None
         if info is not None:
             decoded.cached += 1
-            for m in info.warnings: warnings.warn(m)    # what reading it warned of, as a read would
+            replay_warnings(info, p)                    # what reading it warned of, as a read would
             return None, info
         decoded.computed += 1
         with timer('read video'): return read_media(p, fps, max_frames, stream)
