@@ -25,3 +25,12 @@ def flows(monkeypatch):
     calls, real = [], M.compute_flow
     monkeypatch.setattr(M, 'compute_flow', lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    "The videos and stills `metrics` reads (each `media_frames` call is one read: a decoding pass, or more when streamed)."
+    from ipfacediff import metrics as M
+    calls, real = [], M.media_frames
+    monkeypatch.setattr(M, 'media_frames', lambda p, *a, **k: calls.append(os.path.basename(p)) or real(p, *a, **k))
+    return calls

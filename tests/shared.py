@@ -54,6 +54,14 @@ def evaluate_report(folder) -> dict:
         out[str(p.relative_to(folder))] = t
     return out
 
+def evaluate_numbers(folder) -> dict:
+    "`evaluate_report` without the counters that say how each number was obtained (cache reads, videos decoded)."
+    import json
+    r = evaluate_report(folder)
+    d = json.loads(r['metrics.json'])
+    for k in ('embeddings', 'warp_errors', 'decoding'): d.pop(k)
+    return {**r, 'metrics.json': json.dumps(d, sort_keys=True)}
+
 def orig_and_edit(root, n_frames: int, wh: tuple) -> np.ndarray:
     "`root`/orig/clip.mp4: the sample's first `n_frames` at `wh` (W, H), 10 fps; `root`/ed/clip.mp4: their colour-shifted copy. The frames."
     from ipfacediff.metrics import degrade

@@ -1,5 +1,5 @@
 "`evaluate(cache_dir=...)` decodes a video only when something computed from its frames is missing from the cache."
-import json, os, shutil
+import os, shutil
 import numpy as np, pytest
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -7,27 +7,11 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from ipfacediff import metrics as M
 from ipfacediff.cli import main
 
-from shared import evaluate_report
+from shared import evaluate_numbers
 
 
 @pytest.fixture(scope='module')
 def folders(clip_and_still): return clip_and_still[0]      # conftest: orig/clip.mp4, orig/still.png, ed/clip.mp4
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    "The videos and stills read (each `media_frames` call is one read: a decoding pass, or more when streamed)."
-    calls, real = [], M.media_frames
-    monkeypatch.setattr(M, 'media_frames', lambda p, *a, **k: calls.append(os.path.basename(p)) or real(p, *a, **k))
-    return calls
-
-
-def _strip(folder):
-    "The report without the counters that say how each number was obtained."
-    r = evaluate_report(folder)
-    d = json.loads(r['metrics.json'])
-    for k in ('embeddings', 'warp_errors', 'decoding'): d.pop(k)
-    return {**r, 'metrics.json': json.dumps(d, sort_keys=True)}
 
 
 def _run(root, out, cache, **kw):
@@ -42,10 +26,10 @@ def test_a_fully_cached_evaluation_decodes_nothing(folders, tmp_path, reads):
     r2 = _run(folders, tmp_path / 'r2', tmp_path / 'c')
     assert r2['decoding'] == {'decoded': 0, 'skipped': 2} and reads == []
     assert r2['embeddings'] == {'computed': 0, 'cached': 3} and r2['warp_errors'] == {'computed': 0, 'cached': 2}
-    assert _strip(tmp_path / 'r2') == _strip(tmp_path / 'r1')                # sizes, frame counts, rates: all as read
+    assert evaluate_numbers(tmp_path / 'r2') == evaluate_numbers(tmp_path / 'r1')                # sizes, frame counts, rates: all as read
     # without a cache: the same report again, every video read
     M.evaluate(folders / 'orig', folders / 'ed', tmp_path / 'r0', progress=False)
-    assert _strip(tmp_path / 'r0') == _strip(tmp_path / 'r1')
+    assert evaluate_numbers(tmp_path / 'r0') == evaluate_numbers(tmp_path / 'r1')
 
 
 def test_a_missing_result_means_a_read(folders, tmp_path, reads):
@@ -57,7 +41,7 @@ def test_a_missing_result_means_a_read(folders, tmp_path, reads):
     r = _run(folders, tmp_path / 'r3', cache)
     assert r['decoding'] == {'decoded': 2, 'skipped': 0} and r['warp_errors'] == {'computed': 0, 'cached': 2}
     assert sorted(reads) == ['clip.mp4', 'clip.mp4', 'still.png']
-    assert _strip(tmp_path / 'r3') == _strip(tmp_path / 'r1')
+    assert evaluate_numbers(tmp_path / 'r3') == evaluate_numbers(tmp_path / 'r1')
 
 
 def test_warp_files_without_the_info_gain_it(folders, tmp_path, reads):
@@ -72,7 +56,7 @@ def test_warp_files_without_the_info_gain_it(folders, tmp_path, reads):
     reads.clear()
     r3 = _run(folders, tmp_path / 'r3', cache)
     assert r3['decoding'] == {'decoded': 0, 'skipped': 2} and reads == []
-    assert _strip(tmp_path / 'r3') == _strip(tmp_path / 'r1')
+    assert evaluate_numbers(tmp_path / 'r3') == evaluate_numbers(tmp_path / 'r1')
 
 
 def test_the_clip_score_still_reads_the_frames(folders, tmp_path, reads, monkeypatch):

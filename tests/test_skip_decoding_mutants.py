@@ -5,7 +5,7 @@ every result taken from its frames is in the cache under the settings of this ru
 fps, max_frames, and the edit's own boxes: the original's scaled to the edit's size); what the report then says of it
 (frame count, (height, width), rate — none for a still) is what a read would have said, and the files it used are
 marked used like any other cache hit."""
-import errno, json, os, time, warnings
+import errno, os, time, warnings
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 
@@ -15,7 +15,7 @@ from ipfacediff import metrics as M, utils as U
 from ipfacediff.cache import _kind_of
 from ipfacediff.video import write_video
 
-from shared import evaluate_report, orig_and_edit
+from shared import evaluate_numbers, orig_and_edit
 
 
 class _MeanColour(torch.nn.Module):
@@ -28,22 +28,6 @@ class _MaxColour(torch.nn.Module):
     "Another recognizer with no weights (another class: another cache key)."
     name = 'xc'
     def forward(self, x): return x.amax((2, 3))
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    "The videos and stills read (each `media_frames` call is one read)."
-    calls, real = [], M.media_frames
-    monkeypatch.setattr(M, 'media_frames', lambda p, *a, **k: calls.append(os.path.basename(p)) or real(p, *a, **k))
-    return calls
-
-
-def _strip(folder):
-    "The report without the counters that say how each number was obtained."
-    r = evaluate_report(folder)
-    d = json.loads(r['metrics.json'])
-    for k in ('embeddings', 'warp_errors', 'decoding'): d.pop(k)
-    return {**r, 'metrics.json': json.dumps(d, sort_keys=True)}
 
 
 def _run(root, out, cache, **kw):
@@ -81,7 +65,7 @@ def test_an_edit_at_another_size_is_not_decoded_again(resized):
     assert r1['decoding'] == {'decoded': 4, 'skipped': 0}
     assert r2['decoding'] == {'decoded': 0, 'skipped': 4}, r2['decoding']
     assert r2['embeddings'] == {'computed': 0, 'cached': 4} and r2['warp_errors'] == {'computed': 0, 'cached': 4}
-    assert _strip(o2) == _strip(o1)
+    assert evaluate_numbers(o2) == evaluate_numbers(o1)
     v = r1['methods']['ed']['videos']['clip']
     assert v['size_original'] == [180, 320] and v['size_edited'] == [144, 256] and v['face_found']
     embs = M._parse_recognizers('dlib')
@@ -98,7 +82,7 @@ def test_a_still_pair_has_no_rate_when_not_decoded(resized):
     for r in (r1, r2):
         v = r['methods']['ed']['videos']['face']
         assert (v['fps_original'], v['fps_edited'], v['n_frames_edited'], v['size_edited']) == (None, None, 1, [144, 256]), v
-    assert _strip(o2) == _strip(o1)
+    assert evaluate_numbers(o2) == evaluate_numbers(o1)
     info = M.cached_media_info(cache, M.content_hash(root / 'ed' / 'face.png'))
     assert info == M.MediaInfo(1, (144, 256), None, ()), info
     info = M.cached_media_info(cache, M.content_hash(root / 'ed' / 'clip.mp4'))
