@@ -20,7 +20,7 @@ CACHE_KINDS = {   # kind → what it holds; the file's name and its content tell
     'inversion':  'DDIM inversions of the aligned faces (edit)',
     'tracks':     'face tracks of video files (edit)',
     'embeddings': 'face embeddings, one video and recognizer each (evaluate)',
-    'warp':       'warp errors, one video and optical flow each (evaluate)',
+    'warp':       'warp errors and frame counts, one video and optical flow each (evaluate)',
     'images':     'face photos for the recognizer checks (embedders)',
 }
 KINDS = (*CACHE_KINDS, 'partial')
