@@ -89,7 +89,7 @@ def quiet_libraries():
     Nothing is imported for it (diffusers alone takes seconds, and `evaluate` never needs it): the hub and transformers read
     HF_HUB_DISABLE_PROGRESS_BARS when they are imported, `models` passes it on to diffusers; one imported already is told here."""
     os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
-    if 'huggingface_hub' in sys.modules: sys.modules['huggingface_hub'].utils.disable_progress_bars()
+    if 'huggingface_hub' in sys.modules: importlib.import_module('huggingface_hub.utils').disable_progress_bars()   # `utils` may not be loaded yet
     for mod in ('transformers.utils.logging', 'diffusers.utils.logging'):
         if mod in sys.modules: sys.modules[mod].disable_progress_bar()
 

@@ -511,26 +511,37 @@ class MediaInfo:
     n_frames: int
     size: tuple
     fps: float | None
-    warnings: tuple = ()     # ours, with the file's name as `{video}` (`replay_warnings` puts it back)
+    warnings: tuple = ()     # ours, the file as `{path}` and `{name}` (`replay_warnings` puts it back)
 
-_VIDEO = '{video}'    # the file's name in a kept warning: the same bytes may come back under another name
+_PATH, _NAME = '{path}', '{name}'   # the file in a kept warning: the same bytes may come back under another name
+
+@contextlib.contextmanager
+def _shown_warnings(into: list):
+    """Inside the block, every warning that is *shown* is also appended to `into` as (category, text): the filters and
+    their once-per-place rules apply as ever, so what is kept is what a reader saw."""
+    show = warnings.showwarning
+    def keep(message, category, filename, lineno, file=None, line=None):
+        into.append((category, str(message))); show(message, category, filename, lineno, file, line)
+    warnings.showwarning = keep
+    try: yield
+    finally: warnings.showwarning = show
 
 def read_media(path, fps: float | None = None, max_frames: int | None = None, stream: bool | None = None):
-    """`media_frames(path, fps, max_frames, stream)` and its `MediaInfo`: the warnings of reading are shown as ever, and ours
-    (`UserWarning`s, the file's name in them as `{video}`) are kept in the info (a streamed video's frames are counted here,
-    so a damaged file's warning comes now)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
+    """`media_frames(path, fps, max_frames, stream)` and its `MediaInfo`: the warnings reading it shows are kept in the info —
+    ours (`UserWarning`s), with the file as `{path}` and `{name}` (a streamed video's frames are counted here, so a damaged
+    file's warning comes now)."""
+    shown, path = [], Path(path)
+    with _shown_warnings(shown):
         frames, rate = media_frames(path, fps, max_frames, stream)
         n, size = len(frames), tuple(int(v) for v in frames.shape[1:3])
-    for w in caught: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)    # shown as if never caught
-    kept = tuple(str(w.message).replace(str(path), _VIDEO).replace(Path(path).name, _VIDEO) for w in caught
-                 if issubclass(w.category, UserWarning))    # another library's (a ResourceWarning) is not ours to repeat
+    name = re.compile(rf'^{re.escape(path.name)}(?= )')    # as ours begin ("clip.mp4 is damaged"); not any '3' in '3 frames'
+    kept = tuple(name.sub(_NAME, m.replace(str(path), _PATH)) for c, m in shown
+                 if issubclass(c, UserWarning))            # another library's (a ResourceWarning) is not ours to repeat
     return frames, MediaInfo(n, size, None if rate is None else float(rate), kept)
 
 def replay_warnings(info: MediaInfo, path) -> None:
-    "Show again the warnings that reading `path` gave (`read_media`), as if it had been read now."
-    for m in info.warnings: warnings.warn(m.replace(_VIDEO, Path(path).name))
+    "Show again the warnings that reading `path` showed (`read_media`), as if it had been read now."
+    for m in info.warnings: warnings.warn(m.replace(_PATH, str(path)).replace(_NAME, Path(path).name))
 
 def content_hash(path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, or of a folder's images (names and bytes, in order)."
@@ -602,7 +613,7 @@ def _cache_key(digest: str, recognizer: str, settings: dict) -> str:
 def _readable(key: Path) -> bool:
     "Whether an embedding cache file is there and holds what `embed_media` reads from it (a damaged one is computed again)."
     try:
-        with np.load(key, allow_pickle=False) as z: return {'frames', 'detected', 'boxes'} <= set(z.files)
+        with np.load(key, allow_pickle=False) as z: return all(z[k] is not None for k in ('frames', 'detected', 'boxes'))   # read, not listed
     except Exception: return False
 
 def _embedding_keys(cache_dir, digest: str, embedders: dict, fps, max_frames, size: int, reference_boxes) -> dict:
@@ -723,7 +734,7 @@ def _save_warp(key: Path, errs: np.ndarray, info: MediaInfo | None, quiet: bool 
     "Write a warp cache file (with the video's info when known); `quiet`: a failed write says nothing (the file was read fine)."
     extra = {} if info is None else {'size': np.array(info.size), 'fps': np.array(np.nan if info.fps is None else info.fps),
                                      'warnings': np.array(info.warnings, dtype=str)}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings() if quiet else contextlib.nullcontext():   # entered only when needed: it resets the once-per-place memory
         if quiet: warnings.simplefilter('ignore')
         write_cache(key, lambda tmp: np.savez(tmp, errors=errs, **extra), 'warp error', task='evaluation')
 

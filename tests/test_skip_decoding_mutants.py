@@ -203,7 +203,7 @@ def test_a_kept_warning_names_the_file_evaluated_now(clip_and_still, tmp_path, m
     monkeypatch.setattr(M, 'media_frames', real)
     r, w = _warned(lambda: M.evaluate(b / 'orig', b / 'ed', tmp_path / 'r2', cache_dir=cache, progress=False))
     assert r['decoding'] == {'decoded': 0, 'skipped': 2}
-    assert [m for c, m in w if 'is odd' in m] == ['other.mp4 is odd (other.mp4)'] * 2, w
+    assert [m for c, m in w if 'is odd' in m] == [f"other.mp4 is odd ({b / d / 'other.mp4'})" for d in ('orig', 'ed')], w
 
 
 def test_another_librarys_warning_is_not_kept(clip_and_still, tmp_path, monkeypatch):
@@ -239,3 +239,37 @@ def test_a_damaged_embedding_file_means_a_read(clip_and_still, tmp_path, reads):
     reads.clear()
     r = _run(folders, tmp_path / 'r2', cache)
     assert r['decoding'] == {'decoded': 2, 'skipped': 0} and sorted(reads) == ['clip.mp4', 'clip.mp4', 'still.png'], (r['decoding'], reads)
+
+
+def test_a_warning_is_shown_as_often_cached_as_not(clip_and_still, tmp_path, monkeypatch):
+    """Under Python's default filters a warning of the same text from the same place is shown once: reading the original
+    and the edit (both HDR, say) says it once, and so does the cached run that reads neither (the review's finding)."""
+    folders, cache, real = clip_and_still[0], tmp_path / 'c', M.media_frames
+    def hdr(p, *x, **k): warnings.warn('this video is HDR'); return real(p, *x, **k)
+    def count(i):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('default'); warnings.resetwarnings(); warnings.simplefilter('default')
+            r = _run(folders, tmp_path / f'r{i}', cache)
+        return r['decoding'], sum('is HDR' in str(x.message) for x in w)
+    monkeypatch.setattr(M, 'media_frames', hdr)
+    assert count(1) == ({'decoded': 2, 'skipped': 0}, 1)
+    monkeypatch.setattr(M, 'media_frames', real)
+    assert count(2) == ({'decoded': 0, 'skipped': 2}, 1)
+
+
+def test_a_kept_name_is_put_back_only_where_it_names_the_file(tmp_path):
+    "A folder of images named '3' whose warnings say '3 frames': renamed, the counts stay counts; the names change."
+    d = tmp_path / '3'; d.mkdir()
+    for i in range(2): cv2.imwrite(str(d / f'{i:04d}.png'), np.full((8, 8, 3), 100 + i, np.uint8))
+    real = M.media_frames
+    def noisy(p, *a, **k):
+        warnings.warn(f'{p}/0001.png holds 3 frames: only the first is read'); warnings.warn(f'{Path(p).name} is damaged: 3 frames')
+        return real(p, *a, **k)
+    try:
+        M.media_frames = noisy
+        with warnings.catch_warnings(record=True): warnings.simplefilter('always'); _, info = M.read_media(d)
+    finally: M.media_frames = real
+    assert info.warnings == ('{path}/0001.png holds 3 frames: only the first is read', '{name} is damaged: 3 frames'), info.warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); M.replay_warnings(info, tmp_path / '7')
+    assert [str(x.message) for x in w] == [f"{tmp_path / '7'}/0001.png holds 3 frames: only the first is read", '7 is damaged: 3 frames']
