@@ -128,7 +128,14 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
         print(f'ipfacediff {__version__}'); return 0
     try:
         parser = build_parser(argv, commands)     # imports the command's module (torch, diffusers): seconds to Ctrl-C in
-        from ipfacediff.utils import UserError    # torch too: not imported for --version or the overview
+        args, extra = parser.parse_known_args(argv)   # --help and bad arguments exit here
+        if extra:                         # blamed on the command only when they came after its name
+            cmd = getattr(args, 'command', None)
+            after = cmd in argv and all(x in argv[argv.index(cmd) + 1:] for x in extra)
+            (parser.commands[cmd] if after else parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        if not getattr(args, 'func', None):
+            parser.print_help(sys.stderr); return 2
+        from ipfacediff.utils import UserError    # torch: not imported for --version, --help or the overview
     except KeyboardInterrupt:
         print('ipfacediff: interrupted', file=sys.stderr); return 130
     except (MemoryError, ImportError, RuntimeError) as e:
@@ -136,13 +143,6 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
         print(f'ipfacediff: error: out of memory while loading the libraries ({oom_words(e)}): free some memory, '
               'or raise the memory limit (ulimit -v)', file=sys.stderr)
         return 1
-    args, extra = parser.parse_known_args(argv)
-    if extra:                         # blamed on the command only when they came after its name
-        cmd = getattr(args, 'command', None)
-        after = cmd in argv and all(x in argv[argv.index(cmd) + 1:] for x in extra)
-        (parser.commands[cmd] if after else parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, 'func', None):
-        parser.print_help(sys.stderr); return 2
     if getattr(args, 'quiet', False) or getattr(args, 'no_progress', False): quiet_libraries()   # finetune: --no-progress
     try:
         with warnings.catch_warnings(), _sigterm_as_interrupt():
