@@ -46,7 +46,7 @@ ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
     Ablation('ft_eps2', 'base', 'finetuned', False, '(2) fine-tuned ε2 (L_dir), no identity injection'),
     Ablation('ft_eps1_inject', 'finetuned', 'base', True, '(3) identity injection from the fine-tuned ε1 (L_id), base ε2'),
     Ablation('full', 'finetuned', 'finetuned', True, '(4) IP-FaceDiff: fine-tuned ε1 injected into fine-tuned ε2'),
-    Ablation('full_no_inject', 'finetuned', 'finetuned', False, "(2′) as full, injection off: the fine-tuned ε1 only inverts"),
+    Ablation('full_no_inject', 'finetuned', 'finetuned', False, "(2′) as full, injection off: the fine-tuned ε1 inverts and gives the NN field, injects nothing"),
 )}
 
 def select_ablations(configs=None) -> list[Ablation]:
@@ -393,7 +393,7 @@ def add_cli(sub):
     p.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale w, as `ipfacediff edit`')
     p.add_argument('--batch-size', type=int, default=8, help='frames per batch (one keyframe each)')
     p.add_argument('--source-prompt', default='a photo of a face', help='describes the input; conditions ε1 for the inversion and the source pass')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='draws the keyframes; every row uses it')
     p.add_argument('--recognizers', default='dlib', help='face recognizers for the identity metrics (as `ipfacediff evaluate`)')
     p.add_argument('--gallery', help='extra folder of other people\'s videos to rank the original among (R@1, MRR)')
     p.add_argument('--grid-frames', type=int, default=6, help='columns of the frame grid')

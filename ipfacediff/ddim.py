@@ -143,7 +143,7 @@ def add_cli(sub):
                                    "sampler and the inversion agree. Needs no weights.")
     p.add_argument('--out', default='ddim-demo.png', help='image to write (.png, .pdf, .svg or .jpg)')
     p.add_argument('--steps', type=int, default=50, help='DDIM steps of the round trip (1 … 999)')
-    p.add_argument('--overwrite', action='store_true')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out image')
     def run(a):
         err = ddim_demo(a.out, a.steps, a.overwrite)
         print(f'wrote {a.out}; DDIM inversion→sampling relative round-trip error {err:.1e} (N(0, I) data, analytic ε*)')

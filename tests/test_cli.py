@@ -44,3 +44,17 @@ def test_ddim_demo_writes_and_refuses_to_overwrite(tmp_path):
 def test_ddim_demo_missing_folder(tmp_path):
     r = run('ddim-demo', '--out', str(tmp_path / 'no' / 'demo.png'))
     assert r.returncode == 2 and 'does not exist' in r.stderr
+
+def test_every_option_of_every_command_says_what_it_does():
+    "The README promises `--help` for every command; an option added without `help=` shows a bare flag there."
+    import argparse
+    from ipfacediff.cli import build_parser, COMMANDS
+    bare = []
+    for name in COMMANDS:
+        parsers = [build_parser([name]).commands[name]]
+        for q in parsers:
+            for a in q._actions:
+                if isinstance(a, argparse._SubParsersAction): parsers += list(a.choices.values())
+                elif a.option_strings and not isinstance(a, argparse._HelpAction) and not a.help: bare.append(f'{q.prog} {a.option_strings[0]}')
+    assert len(parsers) > 1 or COMMANDS, COMMANDS
+    assert not bare, bare
