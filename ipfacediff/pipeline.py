@@ -232,20 +232,20 @@ def invert(self: IPFaceDiffPipeline, z0: torch.Tensor, cfg: EditConfig, key: str
     abar = self.alphas_on(z0.device)
     c_src = encode_prompt(self.c, [cfg.source_prompt])
     ts = ddim_timesteps(cfg.steps)
-    traj = {t: [] for t in ts}                                  # what the edit reads
+    traj = {t: torch.empty(z0.shape, dtype=torch.float32 if t == ts[0] else self.c.dtype) for t in ts}   # what the edit reads, on the CPU
     batches = frame_batches(len(z0), cfg.batch_size)
     bar = self._bar(range(len(batches) * cfg.inversion_steps), 'DDIM inversion (ε1)')
     def eps1(z, t):
         self.calls['inversion'] += len(z); bar.update()
         return self.eps1(z.to(self.c.dtype), device_timestep(t, z.device), encoder_hidden_states=c_src.expand(len(z), -1, -1)).sample.float()
     for b in batches:                                           # two copies to the CPU per batch, not one per kept step
-        zt = ddim_invert(z0[int(b[0]):int(b[-1]) + 1].float(), eps1, cfg.inversion_steps, abar, keep=set(ts))
-        traj[ts[0]].append(zt[ts[0]].cpu())                     # z_T: float32
+        rows = slice(int(b[0]), int(b[-1]) + 1)
+        zt = ddim_invert(z0[rows].float(), eps1, cfg.inversion_steps, abar, keep=set(ts))
+        traj[ts[0]][rows] = zt[ts[0]].cpu()                     # z_T: float32
         if len(ts) > 1:
             rest = torch.stack([zt[t] for t in ts[1:]]).to(self.c.dtype).cpu()
-            for t, z in zip(ts[1:], rest): traj[t].append(z)
+            for t, z in zip(ts[1:], rest): traj[t][rows] = z   # written in place: no list of batches to concatenate (a second copy)
     bar.close()
-    traj = {t: torch.cat(v) for t, v in traj.items()}
     if path is not None and not write_cache(path, lambda tmp: torch.save(traj, tmp), 'inversion'): self.uncached.add('inversion')
     return traj, False
 
