@@ -197,6 +197,8 @@ def directional_clip_loss(y_gen: torch.Tensor, y0: torch.Tensor, p_tar=None, p_r
         if delta_t is None:
             if p_tar is None or p_ref is None: raise ValueError("give p_tar and p_ref, or delta_t")
             delta_t = text_direction(clip, _as_list(p_tar, len(e_gen)), _as_list(p_ref, len(e_gen)), templates)
+    if len(delta_t) not in (1, len(e_gen)):
+        raise ValueError(f"{len(delta_t)} text directions for {len(e_gen)} images: give one prompt (or delta_t) for all, or one per image")
     l_img = ((e_gen - e0) ** 2).sum(-1).mean()
     l_dir = (1 - (_norm(e_gen - e_ref, min_delta) * delta_t.to(e_gen)).sum(-1)).mean()
     loss = lambda1 * l_img + lambda2 * l_dir
