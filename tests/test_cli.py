@@ -49,12 +49,14 @@ def test_every_option_of_every_command_says_what_it_does():
     "The README promises `--help` for every command; an option added without `help=` shows a bare flag there."
     import argparse
     from ipfacediff.cli import build_parser, COMMANDS
-    bare = []
+    bare, seen = [], 0
     for name in COMMANDS:
         parsers = [build_parser([name]).commands[name]]
         for q in parsers:
             for a in q._actions:
                 if isinstance(a, argparse._SubParsersAction): parsers += list(a.choices.values())
-                elif a.option_strings and not isinstance(a, argparse._HelpAction) and not a.help: bare.append(f'{q.prog} {a.option_strings[0]}')
-    assert len(parsers) > 1 or COMMANDS, COMMANDS
+                elif a.option_strings and not isinstance(a, argparse._HelpAction):
+                    seen += 1
+                    if not a.help: bare.append(f'{q.prog} {a.option_strings[0]}')
+    assert seen > 100, seen               # every command's real parser was built, finetune's two modes included
     assert not bare, bare
