@@ -112,14 +112,15 @@ _UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 
 def parse_size(text) -> int:
     "'20G', '500M', '1.5GiB', '4096' → bytes (K, M, G, T: powers of 1024; a B or iB after them is allowed)."
-    m = re.fullmatch(r'\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*', str(text), re.IGNORECASE)
+    m = re.fullmatch(r'\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*', str(text), re.IGNORECASE)   # 'iB' only after a unit
     if not m: raise UserError(f"--max-size {text!r} is not a size: write it like 20G, 500M or 1.5GiB")
-    return math.ceil(float(m.group(1)) * _UNITS[m.group(2).upper()])   # a part of a byte is a byte: 0.0001K is not 0
+    return math.ceil(float(m.group(1)) * _UNITS[(m.group(2) or '').upper()])   # a part of a byte is a byte: 0.0001K is not 0
 
 def format_size(n: int) -> str:
     "Bytes as '1.4 GiB', '20.0 KiB', '17 B'."
     for u in ('TiB', 'GiB', 'MiB', 'KiB'):
-        if n >= _UNITS[u[0]]: return f'{n / _UNITS[u[0]]:.1f} {u}'
+        v = n / _UNITS[u[0]]   # below one unit only when it prints as 1.0 of it: 1 MiB - 1 B is '1.0 MiB', not '1024.0 KiB'
+        if v >= 1 or (u != 'KiB' and round(v, 1) >= 1): return f'{v:.1f} {u}'
     return f'{n} B'
 
 # %% ../nbs/14_cache.ipynb #8966d91d
