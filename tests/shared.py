@@ -1,5 +1,6 @@
 "Helpers that several test files use: a two-person scene made from the sample clip, and the one-line `UserError` check."
 import cv2, numpy as np, pytest
+from pathlib import Path
 from ipfacediff.utils import UserError
 
 def two_faces(f, hide=False):
@@ -73,3 +74,13 @@ def orig_and_edit(root, n_frames: int, wh: tuple) -> np.ndarray:
     write_video(root / 'orig' / 'clip.mp4', fr, 10, progress=False)
     write_video(root / 'ed' / 'clip.mp4', degrade(fr, 'color', seed=1), 10, progress=False)
     return fr
+
+
+def top_boxes(path):
+    "The top-level box types of an ISO-BMFF (mp4/mov) file, in file order."
+    data, i, out = Path(path).read_bytes(), 0, []
+    while i + 8 <= len(data):
+        size, kind = int.from_bytes(data[i:i + 4], 'big'), data[i + 4:i + 8].decode('latin-1')
+        if size == 1: size = int.from_bytes(data[i + 8:i + 16], 'big')
+        out.append(kind); i += size if size else len(data)
+    return out

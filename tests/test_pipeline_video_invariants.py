@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 import av, numpy as np, pytest, torch
 
-from shared import one_line_error
+from shared import one_line_error, top_boxes
 from ipfacediff.utils import UserError, data_path
 from ipfacediff.video import read_video, resample_indices, write_video
 
@@ -134,19 +134,9 @@ def test_ntsc_rates_are_written_exactly(tmp_path, fps, rate):
     with av.open(str(p)) as c: assert c.streams.video[0].average_rate == rate
 
 
-def _top_boxes(path):
-    "The top-level box types of an ISO-BMFF (mp4/mov) file, in file order."
-    data, i, out = Path(path).read_bytes(), 0, []
-    while i + 8 <= len(data):
-        size, kind = int.from_bytes(data[i:i + 4], 'big'), data[i + 4:i + 8].decode('latin-1')
-        if size == 1: size = int.from_bytes(data[i + 8:i + 16], 'big')
-        out.append(kind); i += size if size else len(data)
-    return out
-
-
 def test_mp4_output_has_its_index_first(tmp_path):
     "The index (moov) comes before the media data (mdat): a browser or player starts a half-downloaded edit at once."
-    boxes = _top_boxes(write_video(tmp_path / 'web.mp4', _ramp(3), 10, progress=False))
+    boxes = top_boxes(write_video(tmp_path / 'web.mp4', _ramp(3), 10, progress=False))
     assert 'moov' in boxes and 'mdat' in boxes and boxes.index('moov') < boxes.index('mdat'), boxes
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from pathlib import Path
 import av, numpy as np, pytest
 
+from shared import top_boxes
 from ipfacediff.utils import UserError
 from ipfacediff.video import _load_audio, read_video, side_by_side, write_side_by_side, write_video
 
@@ -56,16 +57,6 @@ def _decoded_audio(path):
     x = np.concatenate([f.to_ndarray().reshape(len(f.layout.channels), -1) if f.format.is_planar
                         else f.to_ndarray().reshape(-1, len(f.layout.channels)).T for f in frs], 1)
     return x, frs[0].sample_rate, float(frs[0].pts * frs[0].time_base) - v0
-
-def _top_boxes(path):
-    "The top-level box types of an ISO-BMFF (mp4/mov) file, in file order."
-    data, i, out = Path(path).read_bytes(), 0, []
-    while i + 8 <= len(data):
-        size, kind = int.from_bytes(data[i:i + 4], 'big'), data[i + 4:i + 8].decode('latin-1')
-        if size == 1: size = int.from_bytes(data[i + 8:i + 16], 'big')
-        out.append(kind); i += size if size else len(data)
-    return out
-
 
 # ---------------------------------------------------------------- the audio copied from `audio_from`
 
@@ -122,7 +113,7 @@ def test_write_side_by_side_cuts_the_audio_at_audio_start(tmp_path, audio_start)
 @pytest.mark.parametrize('name', ['a.mov', 'B.MOV', 'C.MP4'])
 def test_quicktime_family_outputs_have_their_index_first(tmp_path, name):
     "A .mov, or a camera's upper-case EDIT.MP4 / CLIP.MOV, plays while downloading as edit.mp4 does: moov before mdat."
-    boxes = _top_boxes(write_video(tmp_path / name, np.zeros((3, 16, 16, 3), np.uint8), 10, progress=False))
+    boxes = top_boxes(write_video(tmp_path / name, np.zeros((3, 16, 16, 3), np.uint8), 10, progress=False))
     assert 'moov' in boxes and 'mdat' in boxes and boxes.index('moov') < boxes.index('mdat'), boxes
 
 
