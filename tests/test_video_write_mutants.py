@@ -11,7 +11,6 @@ own panel (an empty one draws nothing), no frames is a UserError, and `write_sid
 import os, warnings
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-from pathlib import Path
 import av, numpy as np, pytest
 
 from shared import top_boxes
