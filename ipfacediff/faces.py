@@ -148,6 +148,7 @@ class FaceTrack:
         return replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in fields(self) if f.name not in ('size', 'frame_size', 'max_gap')})
     def crop_landmarks(self) -> np.ndarray:
         "Landmarks in crop pixels `(N, 68, 2)`."
+        if not len(self.landmarks): return np.zeros((0, 68, 2))          # an empty track (`sub(0, 0)`): no landmarks
         return np.stack([apply_affine(M, l) for M, l in zip(self.crop_from_frame, self.landmarks)])
 
 # %% ../nbs/03_faces.ipynb #a459463c
