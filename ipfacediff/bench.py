@@ -182,7 +182,8 @@ def bench_run(pipe: IPFaceDiffPipeline, frames: np.ndarray, fps: float, cfg: Edi
         pipe.cache_dir = Path(d) / 'cache'
         timer = BenchTimer(pipe)
         r = pipe.edit(frames, cfg, out=Path(d) / 'bench.mp4' if write else None, fps=fps, timer=timer)
-    net = {'encode': n * flops['vae_encode'], 'decode': n * flops['vae_decode'],
+    m = r.span[1] - r.span[0]                  # the crops encoded and decoded: frames before the face is found have none
+    net = {'encode': m * flops['vae_encode'], 'decode': m * flops['vae_decode'],
            'inversion': timer.unet_rows.get('inversion', 0) * flops['unet'],
            'edit': timer.unet_rows.get('edit', 0) * flops['unet'] + getattr(pipe, 'kf_pairs', 0) * flops['selfattn']}
     stages = {}
