@@ -27,7 +27,7 @@ class UserError(Exception):
 def data_dir() -> Path:
     "The folder with the package's shipped assets (`data/` in a checkout, `ipfacediff/data` when installed)."
     here = Path(importlib.util.find_spec('ipfacediff').origin).resolve().parent  # works in notebooks too
-    for cand in (here.parent / 'data', here / 'data'):
+    for cand in (here / 'data', here.parent / 'data'):   # a wheel's own first: a checkout has no ipfacediff/data
         if cand.is_dir(): return cand
     raise UserError("ipfacediff's data folder is missing: reinstall the package with `pip install -e .` from a checkout")
 
