@@ -129,7 +129,8 @@ def check_scheduler(sched, model: str = 'the model') -> None:
         raise UserError(f"{model} predicts {c.prediction_type!r}, not the noise ε: use an ε-prediction model such as "
                         f"{DEFAULT_MODEL} (stabilityai/stable-diffusion-2-1, the 768² model, predicts v)")
     if c.num_train_timesteps != 1000 or len(sched.alphas_cumprod) != 1000:
-        raise UserError(f"{model} was trained with {c.num_train_timesteps} timesteps; ipfacediff's DDIM grid needs 1000 (as Stable Diffusion's)")
+        n = c.num_train_timesteps if c.num_train_timesteps != 1000 else len(sched.alphas_cumprod)   # the one that is off
+        raise UserError(f"{model} was trained with {n} timesteps; ipfacediff's DDIM grid needs 1000 (as Stable Diffusion's)")
 
 @contextlib.contextmanager
 def _hub_quiet():
