@@ -68,7 +68,7 @@ def ddim_invert(z0: torch.Tensor, eps_fn, num_steps: int = 50, alphas_cumprod: t
     ts = ddim_timesteps(num_steps, len(abar))[::-1]  # ascending: 1, 21, …, 981
     if stop_at is not None and stop_at not in ts: raise ValueError(f"t={stop_at} is not on the {num_steps}-step DDIM grid")
     keep = None if keep is None else set(keep)      # once: a one-shot iterator would be used up by the check below
-    if keep is not None and not keep <= set(ts): raise ValueError(f"keep={sorted(set(keep) - set(ts))} is not on the {num_steps}-step DDIM grid")
+    if keep is not None and not keep <= set(ts): raise ValueError(f"keep={sorted(keep - set(ts))} is not on the {num_steps}-step DDIM grid")
     traj, z, a_prev = {}, z0, abar[0]                # start level ᾱ_0, as DDIMInverseScheduler
     for t in tqdm(ts, desc='DDIM inversion', disable=not progress, leave=False):
         z = ddim_step(z, eps_fn(z, t), a_prev, abar[t])  # ε(z_{t′}, t): the timestep of the level reached
