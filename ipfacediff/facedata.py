@@ -164,7 +164,7 @@ def load_attributes(path=None) -> dict:
     p = Path(path) if path else data_path('prompts', 'celeba_attributes.json')
     try: d = json.loads(p.read_text(encoding='utf-8'))
     except (OSError, json.JSONDecodeError) as e: raise UserError(f"could not read the prompt table {p} ({type(e).__name__}): pass a JSON file shaped like data/prompts/celeba_attributes.json") from None
-    if not isinstance(d.get('attributes'), list): raise UserError(f"prompt table {p} has no 'attributes' list")
+    if not isinstance(d, dict) or not isinstance(d.get('attributes'), list): raise UserError(f"prompt table {p} has no 'attributes' list: pass a JSON object shaped like data/prompts/celeba_attributes.json")
     return d
 
 class EditPrompts:
@@ -172,9 +172,11 @@ class EditPrompts:
     def __init__(self, table: dict | str | None = None, categories: Sequence[str] = ('facial feature', 'facial attribute'),
                  extra: bool = True, generic_p: float = 0.25):
         t = table if isinstance(table, dict) else load_attributes(table)
+        if isinstance(categories, str): categories = (categories,)          # one category, not its letters
         rows = t['attributes'] + (t.get('extra', []) if extra else [])
         self.attributes = [a for a in rows if a.get('category') in categories]
-        self.phrases = [(a['name'], a['category'], ph) for a in self.attributes for ph in a['targets']]
+        as_list = lambda v: [v] if isinstance(v, str) else v                 # 'targets': 'smiling' is one phrase
+        self.phrases = [(a['name'], a['category'], ph) for a in self.attributes for ph in as_list(a['targets'])]
         if not self.phrases: raise UserError(f"no edit prompts in the categories {list(categories)}")
         self.generic_ref, self.generic_p = t.get('generic_reference', 'a photo of a face'), generic_p
 
