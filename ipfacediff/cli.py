@@ -44,7 +44,7 @@ class _CommandParser(_Parser):
     def __init__(self, *args, formatter_class=_HelpFormatter, **kw): super().__init__(*args, formatter_class=formatter_class, **kw)
     def add_argument(self, *args, **kw):
         act = super().add_argument(*args, **kw)
-        if act.help is None and act.option_strings and not any(act.default is x for x in (None, False, argparse.SUPPRESS)):
+        if act.help is None and act.option_strings and act.nargs != 0 and not any(act.default is x for x in (None, False, argparse.SUPPRESS)):
             act.help = '(default: %(default)s)'         # argparse prints nothing for an option without help
         return act
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     except KeyboardInterrupt:
         print('ipfacediff: interrupted', file=sys.stderr); return 130
     except OSError as e:              # disk full, a name too long, no permission: what the system said, on one line
-        where = f': {e.filename}' if e.filename else ''
+        where = (f': {e.filename}' if e.filename else '') + (f' -> {e.filename2}' if e.filename2 else '')   # os.replace: both names
         print(f'ipfacediff: error: {e.strerror or e}{where}', file=sys.stderr); return 1
     except (MemoryError, RuntimeError, ImportError) as e:   # ImportError: a library loaded on first use (dlib) that did not fit
         if not out_of_memory(e): raise
