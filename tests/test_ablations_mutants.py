@@ -1,6 +1,5 @@
 """Mutation review of `ipfacediff.ablations` (§5.6): behaviour that the notebook, tests/test_ablations.py and
-tests/test_bench_ablations_data_cli_invariants.py let through. What these tests pin: `--tiny` refuses a given
---edit-model alone (not only --identity-model); `ipfacediff ablations` without --steps edits with 50 steps (the paper's,
+tests/test_bench_ablations_data_cli_invariants.py let through. What these tests pin: `ipfacediff ablations` without --steps edits with 50 steps (the paper's,
 as `ipfacediff edit`); the recorded `ipfacediff evaluate` command keeps --fps, --max-frames and --recognizers; the frame
 grid's first row is the source crops (not an edit) and every other row is that row's edit; the ablation table puts each
 number in its own column (ε1/ε2, crop cos. distance vs mean per-frame distance, TL-ID vs TG-ID, evaluate's distance
@@ -20,14 +19,6 @@ def quiet_main(argv):
     o, e = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e): rc = main([str(a) for a in argv])
     return rc, o.getvalue(), e.getvalue()
-
-
-def test_tiny_refuses_a_given_edit_model(tmp_path):
-    "`ablations --tiny` makes both branches itself: --edit-model alone is refused too (exit 2, one line), nothing written."
-    rc, out, err = quiet_main(['ablations', SAMPLE, '--prompt', 'add glasses', '--out', tmp_path / 's', '--tiny', '--quiet',
-                               '--edit-model', tmp_path / 'eps2', '--cache-dir', tmp_path / 'cache'])
-    assert rc == 2 and 'drop --identity-model / --edit-model' in err and err.count('\n') == 1, err
-    assert not (tmp_path / 's').exists()
 
 
 @pytest.fixture(scope='module')

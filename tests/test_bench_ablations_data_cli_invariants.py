@@ -351,11 +351,12 @@ def test_run_ablations_refuses_identity_injection_setting(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tiny_refuses_given_branches(tmp_path):
-    "`ablations --tiny` makes its own branches: --identity-model / --edit-model are refused (exit 2), not silently ignored."
+@pytest.mark.parametrize('flag', ['--identity-model', '--edit-model'])
+def test_tiny_refuses_given_branches(tmp_path, flag):
+    "`ablations --tiny` makes its own branches: --identity-model or --edit-model alone is refused (exit 2, one line), not silently ignored."
     rc, out, err = quiet_main(['ablations', SAMPLE, '--prompt', 'add glasses', '--out', tmp_path / 's', '--tiny', '--quiet',
-                               '--identity-model', tmp_path / 'eps1', '--cache-dir', tmp_path / 'cache'])
-    assert rc == 2 and 'drop --identity-model' in err and err.count('\n') == 1, err
+                               flag, tmp_path / 'eps', '--cache-dir', tmp_path / 'cache'])
+    assert rc == 2 and 'drop --identity-model / --edit-model' in err and err.count('\n') == 1, err
     assert not (tmp_path / 's').exists()
 
 
