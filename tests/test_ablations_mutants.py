@@ -5,20 +5,12 @@ grid's first row is the source crops (not an edit) and every other row is that r
 number in its own column (ε1/ε2, crop cos. distance vs mean per-frame distance, TL-ID vs TG-ID, evaluate's distance
 and warp error vs the crops' ones) and shows NaN as '—', and R@1/MRR only when ranked against a gallery; a grid of rows of unequal length spans the shortest;
 `crop_metrics` with no crop marked used is a one-line error. Tiny random models, data/sample.mp4, CPU, offline."""
-import contextlib, io, math, shlex, warnings
+import contextlib, io, shlex, warnings
 import numpy as np, pytest, torch
 from ipfacediff.utils import data_path
 from shared import one_line_error
 
 SAMPLE = str(data_path('sample.mp4'))
-
-
-def quiet_main(argv):
-    "`cli.main(argv)` with stdout and stderr captured: (exit code, stdout, stderr)."
-    from ipfacediff.cli import main
-    o, e = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e): rc = main([str(a) for a in argv])
-    return rc, o.getvalue(), e.getvalue()
 
 
 @pytest.fixture(scope='module')
