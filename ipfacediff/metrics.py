@@ -791,7 +791,7 @@ def degrade(frames, kind: str, seed: int = 0) -> np.ndarray:
 
 # %% ../nbs/10_metrics.ipynb #204ce348
 def _parse_recognizers(spec) -> dict:
-    "'dlib,arcface=/w.pth' → {'dlib': get_embedder('dlib'), 'arcface': get_embedder('arcface', weights='/w.pth')}."
+    "'dlib,arcface=/w.pth' → {'dlib': get_embedder('dlib'), 'arcface=/w.pth': get_embedder('arcface', weights='/w.pth')}: keyed by the whole spec, so dlib and dlib=PATH are two recognizers."
     from ipfacediff.embedders import get_embedder
     if isinstance(spec, dict): return spec
     parts = [s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec) if s.strip()]
