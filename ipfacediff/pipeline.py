@@ -565,9 +565,10 @@ def edit_video(video, prompt: str, out=None, pipeline: IPFaceDiffPipeline | None
     raw = not isinstance(video, (str, os.PathLike))
     if raw and settings.get('fps') is None: raise UserError("pass the frame rate of the frames: edit_video(frames, prompt, fps=...)")
     rate = settings.pop('fps') if raw else None
-    cfg = EditConfig(prompt, **settings).validate()           # before SD is loaded
+    cfg = EditConfig(prompt, **settings).validate()           # bad settings, outputs and streams are refused before SD is loaded
+    check_outputs(out, side_by_side, overwrite, video)
+    if stream: _stream_choice(stream, video, out, cfg)
     pipe = pipeline or IPFaceDiffPipeline.from_pretrained()
-    if stream: _stream_choice(stream, video, out, cfg)          # refused before SD is loaded
     return pipe.edit(video, cfg, out=out, side_by_side=side_by_side, overwrite=overwrite, fps=rate, stream=stream)
 
 # %% ../nbs/09_pipeline.ipynb #91ce26ad
